@@ -1,0 +1,269 @@
+"""The recipe schema: every key a recipe may set, typed, constrained and documented.
+
+Key names follow NeMo-RL where they mean the same thing (`grpo.num_prompts_per_step`,
+`policy.train_global_batch_size`, `loss_fn.ratio_clip_max`, ...). Cross-field rules are named
+validators that run at load time, before any model is built. This module imports without torch.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from posttrain.config.loss import LossConfig
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------- policy
+
+
+class OptimizerConfig(Section):
+    name: Literal["adamw"] = Field("adamw", description="torch.optim.AdamW on fp32 master weights.")
+    lr: float = Field(1e-6, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
+
+
+class SchedulerConfig(Section):
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up from 0 to the peak lr over this many optimizer steps.")
+    decay: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="Shape after warm-up; linear and cosine decay to 0 at the run's last optimizer step."
+    )
+
+
+class GenerationConfig(Section):
+    backend: Literal["torch"] = Field("torch", description="Rollout engine. 'torch': posttrain's PyTorch engine, colocated.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; the trainer's logprobs use the same one.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1.0 disables).")
+    top_k: int | None = Field(None, ge=1, description="Sample among the k most likely tokens (null disables).")
+    max_new_tokens: int = Field(512, ge=1, description="Maximum response length in tokens.")
+    stop_token_ids: list[int] | None = Field(
+        None, description="Token ids that end a response; null: the model config's eos ids."
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "bfloat16", description="Dtype of the generator's weight copy (refreshed from the fp32 master after each step)."
+    )
+    max_batch_size: int = Field(256, ge=1, description="Sequences decoded together.")
+
+
+class PolicyConfig(Section):
+    model_name: str | None = Field(
+        None, description="Local Hugging Face checkpoint directory. Leave null when `tiny_model` builds one."
+    )
+    precision: Literal["float32", "bfloat16"] = Field(
+        "bfloat16", description="Compute dtype of forward/backward (autocast). Master weights are always fp32."
+    )
+    train_global_batch_size: int = Field(512, ge=1, description="Samples per optimizer step.")
+    train_micro_batch_size: int = Field(1, ge=1, description="Samples per forward/backward pass.")
+    logprob_batch_size: int | None = Field(None, ge=1, description="Samples per no-grad logprob pass; null: micro batch size.")
+    max_total_sequence_length: int = Field(4096, ge=2, description="Prompt + response tokens; longer prompts are an error.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm (null: no clipping). The pre-clip norm is logged.")
+    optimizer: OptimizerConfig = OptimizerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    generation: GenerationConfig = GenerationConfig()
+
+
+class TinyModelConfig(Section):
+    """Build a random-init tiny Gemma 4 text model and train its tokenizer locally (no downloads)."""
+
+    hidden_size: int = Field(64, ge=8)
+    num_hidden_layers: int = Field(2, ge=1)
+    num_attention_heads: int = Field(2, ge=1)
+    num_key_value_heads: int = Field(1, ge=1)
+    head_dim: int = Field(32, ge=4)
+    intermediate_size: int = Field(128, ge=8)
+    vocab_size: int = Field(128, ge=16, description="BPE merges beyond the 256 byte symbols and special tokens.")
+    tokenizer_corpus_size: int = Field(2000, ge=1, description="Training prompts + answers used to train the tokenizer.")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def heads_divide(self) -> TinyModelConfig:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        return self
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+class ArithmeticSource(Section):
+    type: Literal["arithmetic"]
+    size: int = Field(ge=1, description="Number of prompts.")
+    seed: int = 0
+    num_terms: int = Field(2, ge=2)
+    max_value: int = Field(99, ge=1)
+
+
+class ReasoningGymSource(Section):
+    type: Literal["reasoning_gym"]
+    task: str = Field(description="A reasoning-gym dataset name, e.g. chain_sum.")
+    size: int = Field(ge=1)
+    seed: int = 0
+
+
+class FileSource(Section):
+    type: Literal["file"]
+    path: str = Field(description="Local .jsonl/.json or .parquet file.")
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    limit: int | None = Field(None, ge=1, description="Use only the first rows.")
+
+
+PromptSource = Annotated[ArithmeticSource | ReasoningGymSource | FileSource, Field(discriminator="type")]
+
+
+class DataConfig(Section):
+    train: PromptSource
+    validation: PromptSource | None = None
+    prompt_template: str = Field(
+        "{prompt}", description="Python format string applied to each prompt before the chat template; must contain {prompt}."
+    )
+    shuffle: bool = True
+
+    @model_validator(mode="after")
+    def template_has_prompt(self) -> DataConfig:
+        if "{prompt}" not in self.prompt_template:
+            raise ValueError("data.prompt_template must contain '{prompt}'")
+        return self
+
+
+class EnvConfig(Section):
+    name: str = Field("math", description="Environment name: math, reasoning_gym, or custom (with options.import_path).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the environment.")
+
+
+# ----------------------------------------------------------------------------------------- grpo
+
+
+class RewardScalingConfig(Section):
+    """Linear map of rewards from [source_min, source_max] to [target_min, target_max] (clamped first)."""
+
+    enabled: bool = False
+    source_min: float = 0.0
+    source_max: float = 1.0
+    target_min: float = -1.0
+    target_max: float = 1.0
+
+
+class RewardShapingConfig(Section):
+    """DAPO's soft overlong punishment."""
+
+    enabled: bool = False
+    overlong_buffer_length: int = Field(128, ge=1)
+    overlong_buffer_penalty: float = Field(1.0, ge=0)
+    max_response_length: int | None = Field(None, ge=1, description="null: policy.generation.max_new_tokens.")
+
+
+class GRPOConfig(Section):
+    num_prompts_per_step: int = Field(32, ge=1)
+    num_generations_per_prompt: int = Field(16, ge=1)
+    max_num_steps: int = Field(100, ge=1, description="RL steps (one rollout batch each).")
+    normalize_rewards: bool = Field(True, description="Divide advantages by the group's reward std.")
+    use_leave_one_out_baseline: bool = False
+    use_dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards all agree, resample until the batch is full.")
+    batch_multiplier: int = Field(1, ge=1, description="With dynamic sampling, each generation batch has this many times the prompts.")
+    dynamic_sampling_max_gen_batches: int = Field(10, ge=1)
+    overlong_filtering: bool = Field(False, description="Mask truncated responses out of the loss.")
+    reward_scaling: RewardScalingConfig = RewardScalingConfig()
+    reward_shaping: RewardShapingConfig = RewardShapingConfig()
+    val_period: int = Field(10, ge=0, description="Validate every this many steps (0: never).")
+    val_at_start: bool = True
+    val_at_end: bool = True
+    max_val_samples: int | None = Field(None, ge=1)
+    val_temperature: float | None = Field(None, ge=0, description="Sampling temperature for validation; 0 greedy; null: generation's.")
+    seed: int = 42
+
+
+class WarmStartConfig(Section):
+    """A short supervised phase on solved training prompts before RL (teacher-forced cross-entropy on the answer)."""
+
+    enabled: bool = False
+    num_steps: int = Field(100, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+
+
+# ----------------------------------------------------------------------------- run bookkeeping
+
+
+class LoggerConfig(Section):
+    log_dir: str = Field("runs/posttrain", description="Run directory: metrics.jsonl, config, TensorBoard, checkpoints.")
+    tensorboard_enabled: bool = True
+    num_val_samples_to_print: int = Field(0, ge=0)
+    progress: bool = Field(True, description="Show a progress bar and per-step lines on the console.")
+
+
+class CheckpointingConfig(Section):
+    enabled: bool = True
+    checkpoint_dir: str | None = Field(None, description="null: <log_dir>/checkpoints.")
+    save_period: int = Field(10, ge=1, description="Save every this many steps (and at the end).")
+    keep_top_k: int | None = Field(2, ge=1, description="Keep the newest k checkpoints.")
+
+
+class RecipeConfig(Section):
+    policy: PolicyConfig = PolicyConfig()
+    tiny_model: TinyModelConfig | None = None
+    data: DataConfig
+    env: EnvConfig = EnvConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    loss_fn: LossConfig = LossConfig()
+    warm_start: WarmStartConfig = WarmStartConfig()
+    logger: LoggerConfig = LoggerConfig()
+    checkpointing: CheckpointingConfig = CheckpointingConfig()
+
+    @model_validator(mode="after")
+    def exactly_one_model_source(self) -> RecipeConfig:
+        if (self.policy.model_name is None) == (self.tiny_model is None):
+            raise ValueError(
+                "set exactly one of policy.model_name (a local checkpoint directory) and tiny_model "
+                "(build a tiny random-init Gemma 4)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def batch_arithmetic(self) -> RecipeConfig:
+        samples = self.grpo.num_prompts_per_step * self.grpo.num_generations_per_prompt
+        global_batch, micro_batch = self.policy.train_global_batch_size, self.policy.train_micro_batch_size
+        if samples % global_batch:
+            raise ValueError(
+                f"each step produces grpo.num_prompts_per_step x grpo.num_generations_per_prompt = "
+                f"{self.grpo.num_prompts_per_step} x {self.grpo.num_generations_per_prompt} = {samples} samples, "
+                f"which must split into whole optimizer steps of policy.train_global_batch_size = {global_batch}; "
+                f"set train_global_batch_size to a divisor of {samples} (e.g. {samples})"
+            )
+        if global_batch % micro_batch:
+            raise ValueError(
+                f"policy.train_global_batch_size ({global_batch}) must be a multiple of "
+                f"policy.train_micro_batch_size ({micro_batch}): each optimizer step accumulates whole micro-batches"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def sequence_budget(self) -> RecipeConfig:
+        if self.policy.generation.max_new_tokens >= self.policy.max_total_sequence_length:
+            raise ValueError(
+                f"policy.generation.max_new_tokens ({self.policy.generation.max_new_tokens}) leaves no room for the "
+                f"prompt within policy.max_total_sequence_length ({self.policy.max_total_sequence_length})"
+            )
+        shaping = self.grpo.reward_shaping
+        max_response = shaping.max_response_length or self.policy.generation.max_new_tokens
+        if shaping.enabled and shaping.overlong_buffer_length > max_response:
+            raise ValueError(
+                f"grpo.reward_shaping.overlong_buffer_length ({shaping.overlong_buffer_length}) exceeds the maximum "
+                f"response length ({max_response})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def dynamic_sampling_needs_groups(self) -> RecipeConfig:
+        if self.grpo.use_dynamic_sampling and self.grpo.num_generations_per_prompt < 2:
+            raise ValueError("grpo.use_dynamic_sampling needs grpo.num_generations_per_prompt >= 2 (a group of one never varies)")
+        return self

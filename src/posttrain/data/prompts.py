@@ -1,0 +1,85 @@
+"""From a recipe's data sources to tokenized prompts, and a resumable iterator over them."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from posttrain.config.schema import ArithmeticSource, FileSource, PromptSource, ReasoningGymSource
+from posttrain.data.arithmetic import arithmetic_samples
+from posttrain.data.sources import DataError, load_jsonl_or_parquet, load_reasoning_gym
+from posttrain.data.types import Sample
+
+
+def load_samples(source: PromptSource, *, split: str) -> list[Sample]:
+    if isinstance(source, ArithmeticSource):
+        return arithmetic_samples(
+            source.size, seed=source.seed, num_terms=source.num_terms, max_value=source.max_value, split=split
+        )
+    if isinstance(source, ReasoningGymSource):
+        return load_reasoning_gym(source.task, size=source.size, seed=source.seed)
+    if isinstance(source, FileSource):
+        return load_jsonl_or_parquet(source.path, prompt_key=source.prompt_key, answer_key=source.answer_key, limit=source.limit)
+    raise TypeError(f"unknown prompt source {source!r}")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    sample: Sample
+    text: str  # the user message after data.prompt_template
+    token_ids: list[int]  # chat-templated, with the generation prompt
+
+
+def tokenize_prompts(
+    samples: list[Sample], tokenizer: PreTrainedTokenizerBase, *, template: str, max_prompt_tokens: int
+) -> list[Prompt]:
+    """Render each sample with the chat template; a prompt that leaves no room to answer is an error."""
+    prompts = []
+    for sample in samples:
+        text = template.format(prompt=sample.prompt)
+        messages = [{"role": "user", "content": text}]
+        token_ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        if len(token_ids) > max_prompt_tokens:
+            raise DataError(
+                f"{sample.origin}: the prompt is {len(token_ids)} tokens, more than the {max_prompt_tokens} that "
+                "policy.max_total_sequence_length - policy.generation.max_new_tokens leaves; raise "
+                "max_total_sequence_length or shorten the prompt"
+            )
+        prompts.append(Prompt(sample=sample, text=text, token_ids=token_ids))
+    return prompts
+
+
+class PromptIterator:
+    """Endless epochs over the prompts, reshuffled per epoch from (seed, epoch); resumable by position."""
+
+    def __init__(self, prompts: list[Prompt], *, seed: int, shuffle: bool):
+        if not prompts:
+            raise DataError("the training data has no prompts")
+        self.prompts, self.seed, self.shuffle = prompts, seed, shuffle
+        self.epoch, self.position = 0, 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> list[int]:
+        order = list(range(len(self.prompts)))
+        if self.shuffle:
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        return order
+
+    def next_batch(self, size: int) -> list[Prompt]:
+        batch = []
+        while len(batch) < size:
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._epoch_order()
+            batch.append(self.prompts[self._order[self.position]])
+            self.position += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._epoch_order()

@@ -1,0 +1,184 @@
+"""The GRPO / DAPO loop: rollout -> score -> advantages -> train -> refresh -> log -> checkpoint.
+
+DAPO is this loop with dynamic sampling, clip-higher, token-level loss and overlong reward
+shaping switched on in the recipe. Everything algorithmic is a pure function in
+`posttrain.algorithms`; this file only wires the parts, top to bottom.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from posttrain.algorithms.advantages import group_advantages
+from posttrain.algorithms.dynamic_sampling import DynamicSamplingBuffer, informative_groups
+from posttrain.algorithms.reward_shaping import overlong_filter_mask
+from posttrain.checkpoint.store import latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain.config.schema import RecipeConfig
+from posttrain.loops.rollouts import generate_and_score
+from posttrain.loops.setup import RunParts, build_run
+from posttrain.loops.validation import validate
+from posttrain.metrics.console import Console
+from posttrain.metrics.logger import MetricsLogger
+from posttrain.rollout.base import SamplingParams
+from posttrain.training.trainer import PolicyTrainer, TrainBatch
+
+
+@dataclass
+class RunResult:
+    log_dir: Path
+    steps_done: int
+    validation_accuracy: dict[int, float]
+
+
+def to_train_batch(groups: dict[str, torch.Tensor], cfg: RecipeConfig) -> TrainBatch:
+    """Flatten [P, G, ...] groups into samples, compute advantages, trim padding columns."""
+    grpo = cfg.grpo
+    valid_PG = torch.ones_like(groups["rewards"], dtype=torch.bool)
+    if grpo.overlong_filtering:
+        valid_PG = overlong_filter_mask(groups["truncated"])
+    advantages_PG = group_advantages(
+        groups["rewards"],
+        valid_PG,
+        leave_one_out_baseline=grpo.use_leave_one_out_baseline,
+        normalize_rewards=grpo.normalize_rewards,
+    )
+    flat = {key: value.flatten(0, 1) for key, value in groups.items()}
+    width = int(flat["attention_mask"].sum(dim=-1).max())
+    loss_mask_BT = flat["response_mask"][:, :width] * valid_PG.flatten().unsqueeze(-1)
+    return TrainBatch(
+        input_ids_BT=flat["input_ids"][:, :width],
+        attention_mask_BT=flat["attention_mask"][:, :width],
+        loss_mask_BT=loss_mask_BT,
+        advantages_B=advantages_PG.flatten(),
+        gen_logprobs_BT=flat["gen_logprobs"][:, :width],
+    )
+
+
+def rollout_metrics(generated: list[dict[str, torch.Tensor]], kept: dict[str, torch.Tensor]) -> dict[str, float]:
+    raw_rewards = torch.cat([g["raw_rewards"].flatten() for g in generated])
+    lengths = torch.cat([g["lengths"].flatten() for g in generated])
+    truncated = torch.cat([g["truncated"].flatten() for g in generated]).float()
+    return {
+        "train/reward": float(raw_rewards.mean()),
+        "train/accuracy": float((raw_rewards >= 1.0).float().mean()),
+        "train/filtered_reward": float(kept["raw_rewards"].mean()),
+        "train/shaped_reward": float(kept["rewards"].mean()),
+        "train/mean_gen_tokens_per_sample": float(lengths.mean()),
+        "train/max_gen_tokens": float(lengths.max()),
+        "train/truncation_rate": float(truncated.mean()),
+        "train/num_generated_samples": float(raw_rewards.numel()),
+    }
+
+
+def run_grpo(cfg: RecipeConfig, *, console: Console) -> RunResult:
+    parts: RunParts = build_run(cfg, console=console)
+    grpo, policy = cfg.grpo, cfg.policy
+    samples_per_step = grpo.num_prompts_per_step * grpo.num_generations_per_prompt
+    trainer = PolicyTrainer(
+        parts.model,
+        policy,
+        cfg.loss_fn,
+        total_optimizer_steps=grpo.max_num_steps * samples_per_step // policy.train_global_batch_size,
+    )
+    buffer = DynamicSamplingBuffer(grpo.num_prompts_per_step, grpo.dynamic_sampling_max_gen_batches)
+    logger = MetricsLogger(parts.log_dir, tensorboard=cfg.logger.tensorboard_enabled)
+
+    start_step, validation_accuracy = 0, {}
+    if (checkpoint := latest_checkpoint(parts.checkpoint_dir)) is not None:
+        loop_state = load_checkpoint(checkpoint, model=parts.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler)
+        start_step = loop_state["step"]
+        parts.train_prompts.load_state_dict(loop_state["data"])
+        buffer.load_state_dict(loop_state["dynamic_sampling"])
+        parts.engine.refresh_weights(parts.model.named_parameters())
+        logger.truncate_after(start_step)
+        console.note(f"resumed from {checkpoint} (step {start_step})")
+    else:
+        parts.run_warm_start()
+
+    if start_step == 0 and grpo.val_at_start and parts.val_prompts:
+        val = validate(parts, cfg, step=0)
+        validation_accuracy[0] = val["validation/accuracy"]
+        logger.log(0, val)
+        console.step_line(0, val)
+
+    sampling = parts.sampling_params
+    console.start_progress("RL", total=grpo.max_num_steps, completed=start_step)
+    for step in range(start_step + 1, grpo.max_num_steps + 1):
+        step_start = time.perf_counter()
+        metrics: dict[str, float] = {}
+        generated = []
+        gen_batch = 0
+        while True:  # one generation batch, or several with dynamic sampling
+            num_prompts = grpo.num_prompts_per_step * (grpo.batch_multiplier if grpo.use_dynamic_sampling else 1)
+            prompts = parts.train_prompts.next_batch(num_prompts)
+            params = SamplingParams(**{**vars(sampling), "seed": grpo.seed * 1_000_003 + step * 1_009 + gen_batch})
+            groups, timings = generate_and_score(
+                prompts,
+                engine=parts.engine,
+                params=params,
+                env=parts.env,
+                tokenizer=parts.tokenizer,
+                grpo=grpo,
+                num_generations=grpo.num_generations_per_prompt,
+                width=policy.max_total_sequence_length,
+            )
+            for key, value in timings.items():
+                metrics[key] = metrics.get(key, 0.0) + value
+            generated.append(groups)
+            gen_batch += 1
+            if not grpo.use_dynamic_sampling:
+                kept = groups
+                break
+            buffer.add(groups, informative_groups(groups["rewards"]))
+            if buffer.is_full:
+                kept = buffer.take()
+                break
+        metrics.update(rollout_metrics(generated, kept))
+        if grpo.use_dynamic_sampling:
+            metrics["train/dynamic_sampling_gen_batches"] = float(gen_batch)
+            sampled = sum(g["rewards"].shape[0] for g in generated)
+            metrics["train/dynamic_sampling_kept_fraction"] = float(
+                sum(int(informative_groups(g["rewards"]).sum()) for g in generated) / sampled
+            )
+        metrics.update(parts.env.pop_metrics())
+
+        train_start = time.perf_counter()
+        train_metrics = trainer.train(to_train_batch(kept, cfg), temperature=sampling.temperature)
+        metrics.update({f"train/{key}": value for key, value in train_metrics.items()})
+        metrics["timing/training"] = time.perf_counter() - train_start
+
+        refresh_start = time.perf_counter()
+        parts.engine.refresh_weights(parts.model.named_parameters())
+        metrics["timing/weight_refresh"] = time.perf_counter() - refresh_start
+        metrics["timing/total_step"] = time.perf_counter() - step_start
+
+        is_last = step == grpo.max_num_steps
+        if parts.val_prompts and ((grpo.val_period and step % grpo.val_period == 0) or (is_last and grpo.val_at_end)):
+            val = validate(parts, cfg, step=step)
+            validation_accuracy[step] = val["validation/accuracy"]
+            metrics.update(val)
+        logger.log(step, metrics)
+        console.step_line(step, metrics)
+        console.advance()
+
+        if cfg.checkpointing.enabled and (step % cfg.checkpointing.save_period == 0 or is_last):
+            save_checkpoint(
+                parts.checkpoint_dir,
+                step,
+                model=parts.model,
+                optimizer=trainer.optimizer,
+                scheduler=trainer.scheduler,
+                loop_state={
+                    "step": step,
+                    "data": parts.train_prompts.state_dict(),
+                    "dynamic_sampling": buffer.state_dict(),
+                },
+                keep_top_k=cfg.checkpointing.keep_top_k,
+            )
+    console.stop_progress()
+    logger.close()
+    return RunResult(log_dir=parts.log_dir, steps_done=grpo.max_num_steps, validation_accuracy=validation_accuracy)

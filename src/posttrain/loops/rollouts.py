@@ -1,0 +1,95 @@
+"""One generation batch: sample a group of responses per prompt, score them, shape rewards.
+
+The result is a dict of tensors whose first dimension indexes prompt groups (P), padded to a
+fixed width W = policy.max_total_sequence_length so that groups from different generation
+batches (dynamic sampling) concatenate.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from posttrain.algorithms.reward_shaping import overlong_reward_penalty, scale_rewards
+from posttrain.config.schema import GRPOConfig
+from posttrain.data.prompts import Prompt
+from posttrain.environments import Environment, scoring_metadata
+from posttrain.rollout.base import Rollout, RolloutEngine, SamplingParams
+
+
+def pack_rollouts(rollouts: list[Rollout], width: int) -> dict[str, torch.Tensor]:
+    """Right-padded rows of prompt + response, with a mask on the response tokens."""
+    count = len(rollouts)
+    input_ids = torch.zeros((count, width), dtype=torch.long)
+    attention_mask = torch.zeros((count, width), dtype=torch.long)
+    response_mask = torch.zeros((count, width), dtype=torch.long)
+    gen_logprobs = torch.zeros((count, width), dtype=torch.float32)
+    for row, rollout in enumerate(rollouts):
+        prompt_len, total = len(rollout.prompt_token_ids), len(rollout.prompt_token_ids) + len(rollout.token_ids)
+        input_ids[row, :total] = torch.tensor(rollout.prompt_token_ids + rollout.token_ids)
+        attention_mask[row, :total] = 1
+        response_mask[row, prompt_len:total] = 1
+        gen_logprobs[row, prompt_len:total] = torch.tensor(rollout.logprobs)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "response_mask": response_mask,
+        "gen_logprobs": gen_logprobs,
+    }
+
+
+def generate_and_score(
+    prompts: list[Prompt],
+    *,
+    engine: RolloutEngine,
+    params: SamplingParams,
+    env: Environment,
+    tokenizer: PreTrainedTokenizerBase,
+    grpo: GRPOConfig,
+    num_generations: int,
+    width: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Sample `num_generations` responses per prompt and score them. Tensors are [P, G, ...]."""
+    timings = {}
+    start = time.perf_counter()
+    repeated = [prompt for prompt in prompts for _ in range(num_generations)]
+    rollouts = engine.generate([p.token_ids for p in repeated], params)
+    timings["timing/generation"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    responses = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in rollouts]
+    raw_rewards_N = torch.tensor(
+        env.score([p.text for p in repeated], responses, [scoring_metadata(p.sample) for p in repeated]),
+        dtype=torch.float32,
+    )
+    timings["timing/scoring"] = time.perf_counter() - start
+
+    lengths_N = torch.tensor([len(r.token_ids) for r in rollouts], dtype=torch.float32)
+    truncated_N = torch.tensor([r.finish_reason == "length" for r in rollouts])
+    rewards_N = raw_rewards_N.clone()
+    if grpo.reward_scaling.enabled:
+        s = grpo.reward_scaling
+        rewards_N = scale_rewards(rewards_N, s.source_min, s.source_max, s.target_min, s.target_max)
+    if grpo.reward_shaping.enabled:
+        shaping = grpo.reward_shaping
+        rewards_N = rewards_N + overlong_reward_penalty(
+            lengths_N,
+            max_response_length=shaping.max_response_length or params.max_new_tokens,
+            overlong_buffer_length=shaping.overlong_buffer_length,
+            penalty_factor=shaping.overlong_buffer_penalty,
+        )
+
+    def grouped(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(len(prompts), num_generations, *t.shape[1:])
+
+    packed = pack_rollouts(rollouts, width)
+    groups = {key: grouped(value) for key, value in packed.items()}
+    groups.update(
+        rewards=grouped(rewards_N),
+        raw_rewards=grouped(raw_rewards_N),
+        lengths=grouped(lengths_N),
+        truncated=grouped(truncated_N),
+    )
+    return groups, timings

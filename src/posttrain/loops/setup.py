@@ -1,0 +1,127 @@
+"""Build everything a run needs from a validated recipe: model, tokenizer, data, env, engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from posttrain.config.loader import dump_config
+from posttrain.config.schema import RecipeConfig
+from posttrain.data.arithmetic import arithmetic_samples
+from posttrain.data.prompts import Prompt, PromptIterator, load_samples, tokenize_prompts
+from posttrain.environments import Environment, build
+from posttrain.loops.warm_start import warm_start
+from posttrain.metrics.console import Console
+from posttrain.models.loading import load_policy, load_tokenizer, stop_token_ids
+from posttrain.models.tiny import END_OF_TURN, save_tiny_gemma4, train_tokenizer
+from posttrain.rollout.base import SamplingParams
+from posttrain.rollout.torch_engine import TorchRolloutEngine
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class RunParts:
+    cfg: RecipeConfig
+    log_dir: Path
+    checkpoint_dir: Path
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    train_prompts: PromptIterator
+    val_prompts: list[Prompt]
+    env: Environment
+    engine: TorchRolloutEngine
+    sampling_params: SamplingParams
+    console: Console
+    warm_start_losses: list[float] = field(default_factory=list)
+
+    def run_warm_start(self) -> None:
+        """Supervised warm start on the training prompts' answers (when enabled), then sync the generator."""
+        ws = self.cfg.warm_start
+        if not ws.enabled:
+            return
+        end_of_turn = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+        self.console.start_progress("warm start (SFT)", total=ws.num_steps)
+        self.warm_start_losses = warm_start(
+            self.model,
+            self.train_prompts.prompts,
+            lambda prompt: str(prompt.sample.ground_truth),
+            self.tokenizer,
+            ws,
+            end_of_turn_id=end_of_turn,
+            seed=self.cfg.grpo.seed,
+            on_step=lambda step, loss: self.console.advance(f"loss {loss:.3f}"),
+        )
+        self.console.stop_progress()
+        self.console.note(f"warm start: loss {self.warm_start_losses[0]:.3f} -> {self.warm_start_losses[-1]:.3f}")
+        self.engine.refresh_weights(self.model.named_parameters())
+
+
+def prepare_tiny_model(cfg: RecipeConfig, out_dir: Path) -> Path:
+    """Train a tokenizer on the task's text and save a random-init tiny Gemma 4 (once per run dir)."""
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    tiny = cfg.tiny_model
+    corpus_samples = load_samples(cfg.data.train, split="train")[: tiny.tokenizer_corpus_size]
+    corpus = [cfg.data.prompt_template.format(prompt=s.prompt) + " " + str(s.ground_truth) for s in corpus_samples]
+    corpus += ["user model"]  # the chat template's role names
+    tokenizer = train_tokenizer(corpus, vocab_size=256 + 6 + tiny.vocab_size)
+    save_tiny_gemma4(
+        out_dir,
+        tokenizer,
+        seed=tiny.seed,
+        hidden_size=tiny.hidden_size,
+        num_hidden_layers=tiny.num_hidden_layers,
+        num_attention_heads=tiny.num_attention_heads,
+        num_key_value_heads=tiny.num_key_value_heads,
+        head_dim=tiny.head_dim,
+        intermediate_size=tiny.intermediate_size,
+    )
+    return out_dir
+
+
+def build_run(cfg: RecipeConfig, *, console: Console) -> RunParts:
+    log_dir = Path(cfg.logger.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / "config.yaml").write_text(dump_config(cfg))
+    checkpoint_dir = Path(cfg.checkpointing.checkpoint_dir or log_dir / "checkpoints")
+    torch.manual_seed(cfg.grpo.seed)
+
+    model_dir = Path(cfg.policy.model_name) if cfg.policy.model_name else prepare_tiny_model(cfg, log_dir / "init_model")
+    model = load_policy(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+
+    max_new = cfg.policy.generation.max_new_tokens
+    max_prompt = cfg.policy.max_total_sequence_length - max_new
+    template = cfg.data.prompt_template
+    train = tokenize_prompts(load_samples(cfg.data.train, split="train"), tokenizer, template=template, max_prompt_tokens=max_prompt)
+    val: list[Prompt] = []
+    if cfg.data.validation is not None:
+        val_samples = load_samples(cfg.data.validation, split="validation")[: cfg.grpo.max_val_samples]
+        val = tokenize_prompts(val_samples, tokenizer, template=template, max_prompt_tokens=max_prompt)
+
+    gen = cfg.policy.generation
+    engine = TorchRolloutEngine(model, pad_token_id=tokenizer.pad_token_id, dtype=DTYPES[gen.dtype], max_batch_size=gen.max_batch_size)
+    sampling = SamplingParams(
+        temperature=gen.temperature,
+        top_p=gen.top_p,
+        top_k=gen.top_k,
+        max_new_tokens=max_new,
+        stop_token_ids=tuple(gen.stop_token_ids) if gen.stop_token_ids is not None else stop_token_ids(model),
+    )
+    return RunParts(
+        cfg=cfg,
+        log_dir=log_dir,
+        checkpoint_dir=checkpoint_dir,
+        model=model,
+        tokenizer=tokenizer,
+        train_prompts=PromptIterator(train, seed=cfg.grpo.seed, shuffle=cfg.data.shuffle),
+        val_prompts=val,
+        env=build(cfg.env.name, **cfg.env.options),
+        engine=engine,
+        sampling_params=sampling,
+        console=console,
+    )

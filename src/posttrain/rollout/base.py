@@ -1,0 +1,50 @@
+"""The rollout-engine boundary: what the GRPO loop needs from any generator."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. Logprobs are reported for softmax(softcapped_logits / temperature) over
+    the FULL vocabulary, even when top-p/top-k truncate the sampling distribution: that is the
+    distribution the trainer optimizes, so the two sides stay comparable. With top-p < 1 or
+    top-k set, tokens are drawn from the truncated, renormalized distribution and the reported
+    logprob is not the probability the token was sampled with."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class Rollout:
+    """One generated response: its tokens (stop token included), their logprobs, and why it ended."""
+
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: FinishReason
+    extra: dict = field(default_factory=dict)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
+        """Sample one response per prompt (repeat prompts for several samples), in order."""
+        ...
+
+    def refresh_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy the trainer's current weights in place."""
+        ...

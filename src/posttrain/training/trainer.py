@@ -1,0 +1,176 @@
+"""The policy trainer: fp32 master weights, autocast compute, micro-batching, one normalization.
+
+The trainer does not know which algorithm it runs: it takes a `TrainBatch` (tokens, loss mask,
+advantages, generator logprobs) and the loss config, and owns the only place where the loss is
+normalized: each optimizer step's token (or sequence) count over the whole step's samples is
+computed once and handed to every micro-batch's loss, so accumulation over micro-batches gives
+exactly the full-batch loss and gradient whatever the micro-batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.algorithms.mismatch import gen_kl_error, token_mult_prob_error
+from posttrain.algorithms.pg_loss import clipped_pg_loss
+from posttrain.config.loss import LossConfig
+from posttrain.config.schema import PolicyConfig
+from posttrain.models.logprobs import token_logprobs
+
+
+class MasterWeightsError(TypeError):
+    """Raised when trainable weights are not fp32: optimizer updates would be silently lost to rounding."""
+
+
+def assert_fp32_master_weights(model: torch.nn.Module) -> None:
+    wrong = [f"{name} ({p.dtype})" for name, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+    if wrong:
+        raise MasterWeightsError(
+            f"{len(wrong)} trainable parameters are not float32 master weights, e.g. {', '.join(wrong[:3])}; "
+            "load the policy with posttrain.models.load_policy (which keeps fp32 masters) and choose the compute "
+            "dtype with policy.precision instead of casting the model"
+        )
+
+
+@dataclass
+class TrainBatch:
+    """Samples as right-padded rows of prompt + response tokens."""
+
+    input_ids_BT: torch.Tensor
+    attention_mask_BT: torch.Tensor
+    loss_mask_BT: torch.Tensor  # 1 on response tokens that count in the loss
+    advantages_B: torch.Tensor
+    gen_logprobs_BT: torch.Tensor  # logprobs the rollout engine reported (0 off the response)
+
+    def __len__(self) -> int:
+        return self.input_ids_BT.shape[0]
+
+    def rows(self, start: int, stop: int) -> TrainBatch:
+        return TrainBatch(*(t[start:stop] for t in vars(self).values()))
+
+
+def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, decay: str) -> float:
+    """Linear warm-up over `warmup_steps`, then constant, linear or cosine decay to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if decay == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class PolicyTrainer:
+    def __init__(self, model: torch.nn.Module, policy: PolicyConfig, loss: LossConfig, *, total_optimizer_steps: int):
+        assert_fp32_master_weights(model)
+        self.model = model
+        self.policy = policy
+        self.loss_cfg = loss
+        opt = policy.optimizer
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=opt.lr,
+            betas=opt.betas,
+            eps=opt.eps,
+            weight_decay=opt.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: lr_multiplier(
+                step,
+                warmup_steps=policy.scheduler.warmup_steps,
+                total_steps=total_optimizer_steps,
+                decay=policy.scheduler.decay,
+            ),
+        )
+
+    def autocast(self):
+        if self.policy.precision == "float32":
+            return nullcontext()
+        device_type = next(self.model.parameters()).device.type
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+
+    @torch.no_grad()
+    def logprobs(self, batch: TrainBatch, temperature: float) -> torch.Tensor:
+        """Logprobs of every token under the current weights, micro-batched, no gradient."""
+        size = self.policy.logprob_batch_size or self.policy.train_micro_batch_size
+        chunks = []
+        for start in range(0, len(batch), size):
+            rows = batch.rows(start, start + size)
+            with self.autocast():
+                chunks.append(token_logprobs(self.model, rows.input_ids_BT, rows.attention_mask_BT, temperature=temperature))
+        return torch.cat(chunks)
+
+    def train(self, batch: TrainBatch, temperature: float) -> dict[str, float]:
+        """One or more optimizer steps over `batch` (train_global_batch_size samples each).
+
+        With one optimizer step per rollout batch the old-policy logprobs equal the current ones
+        (detached), so they come from the same forward pass. With several, they are computed up
+        front, before the weights move.
+        """
+        global_batch = self.policy.train_global_batch_size
+        old_logprobs_BT = self.logprobs(batch, temperature) if len(batch) > global_batch else None
+        totals: dict[str, float] = defaultdict(float)
+        num_steps = 0
+        for start in range(0, len(batch), global_batch):
+            step_old = old_logprobs_BT[start : start + global_batch] if old_logprobs_BT is not None else None
+            for key, value in self._optimizer_step(batch.rows(start, start + global_batch), step_old, temperature).items():
+                totals[key] += value
+            num_steps += 1
+        return {key: value / num_steps for key, value in totals.items()}
+
+    def _optimizer_step(
+        self, batch: TrainBatch, old_logprobs_BT: torch.Tensor | None, temperature: float
+    ) -> dict[str, float]:
+        self.model.train()
+        mask_BT = batch.loss_mask_BT.float()
+        if self.loss_cfg.token_level_loss:
+            global_normalizer = float(mask_BT.sum())
+        else:
+            global_normalizer = float((mask_BT.sum(dim=-1) > 0).sum())
+        metrics: dict[str, float] = defaultdict(float)
+        lp_old_pieces = []
+        micro = self.policy.train_micro_batch_size
+        for start in range(0, len(batch), micro):
+            rows = batch.rows(start, start + micro)
+            with self.autocast():
+                logprobs_BT = token_logprobs(self.model, rows.input_ids_BT, rows.attention_mask_BT, temperature=temperature)
+            rows_old_BT = logprobs_BT.detach() if old_logprobs_BT is None else old_logprobs_BT[start : start + micro]
+            lp_old_pieces.append(rows_old_BT)
+            loss, loss_metrics = clipped_pg_loss(
+                logprobs_BT,
+                rows_old_BT,
+                rows.advantages_B,
+                rows.loss_mask_BT.float(),
+                self.loss_cfg,
+                global_normalizer=max(global_normalizer, 1.0),
+                gen_logprobs_BT=rows.gen_logprobs_BT,
+            )
+            loss.backward()
+            metrics["loss"] += float(loss.detach())
+            for key, value in loss_metrics.items():
+                metrics[key] += value
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad],
+            self.policy.max_grad_norm if self.policy.max_grad_norm is not None else float("inf"),
+        )
+        metrics["grad_norm"] = float(grad_norm)
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        if math.isfinite(metrics["grad_norm"]):
+            self.optimizer.step()
+        else:
+            metrics["skipped_nonfinite_steps"] = 1.0
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+        old_BT = torch.cat(lp_old_pieces)
+        metrics["token_mult_prob_error"] = token_mult_prob_error(batch.gen_logprobs_BT, old_BT, mask_BT)
+        metrics["gen_kl_error"] = gen_kl_error(batch.gen_logprobs_BT, old_BT, mask_BT)
+        return dict(metrics)
