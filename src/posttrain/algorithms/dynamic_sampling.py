@@ -105,6 +105,13 @@ class DynamicSamplingBuffer:
         self._kept_this_step = 0
         return taken
 
+    def discard_carry_over(self) -> int:
+        """Drop the groups left after `take` (they were sampled by weights that are about to change);
+        returns how many were dropped."""
+        dropped = self.num_groups
+        self._chunks = []
+        return dropped
+
     def state_dict(self) -> dict:
         """Groups held (carry-over) and this step's counters, for checkpointing."""
         groups = (

@@ -139,6 +139,30 @@ class EnvConfig(Section):
     name: str = Field("math", description="Environment name: math, reasoning_gym, or custom (with options.import_path).")
     options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the environment.")
 
+    @model_validator(mode="after")
+    def options_fit_environment(self) -> EnvConfig:
+        """Unknown names and options fail at load time, not when the first batch is scored."""
+        import difflib
+        import inspect
+
+        from posttrain.environments import BUILTIN_ENVIRONMENTS
+
+        if self.name == "custom":
+            if "import_path" not in self.options:
+                raise ValueError("env.name 'custom' needs env.options.import_path: 'package.module:ClassName'")
+            return self
+        if self.name not in BUILTIN_ENVIRONMENTS:
+            choices = [*BUILTIN_ENVIRONMENTS, "custom"]
+            close = difflib.get_close_matches(self.name, choices, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown environment {self.name!r}; {hint}choose one of {choices}")
+        signature = inspect.signature(BUILTIN_ENVIRONMENTS[self.name])
+        try:
+            signature.bind(**self.options)
+        except TypeError as error:
+            raise ValueError(f"env.options do not fit environment {self.name!r} {signature}: {error}") from None
+        return self
+
 
 # ----------------------------------------------------------------------------------------- grpo
 
@@ -171,6 +195,13 @@ class GRPOConfig(Section):
     use_dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards all agree, resample until the batch is full.")
     batch_multiplier: int = Field(1, ge=1, description="With dynamic sampling, each generation batch has this many times the prompts.")
     dynamic_sampling_max_gen_batches: int = Field(10, ge=1)
+    dynamic_sampling_carry_over: bool = Field(
+        False,
+        description=(
+            "Keep informative groups beyond num_prompts_per_step for the next step. They were sampled by older "
+            "weights (off-policy, corrected only by importance sampling); false drops them, as verl does."
+        ),
+    )
     overlong_filtering: bool = Field(False, description="Mask truncated responses out of the loss.")
     reward_scaling: RewardScalingConfig = RewardScalingConfig()
     reward_shaping: RewardShapingConfig = RewardShapingConfig()

@@ -8,8 +8,16 @@ Each prompt asks for the value of a short sum or difference of small integers, e
 from __future__ import annotations
 
 import random
+import zlib
 
 from posttrain.data.types import Sample
+
+VALIDATION_SHARE = 8  # one expression in 8 belongs to the validation split, the others to train
+
+
+def split_of(expression: str) -> str:
+    """Which split an expression belongs to, fixed by a hash of its text: the splits never share a problem."""
+    return "validation" if zlib.crc32(expression.encode()) % VALIDATION_SHARE == 0 else "train"
 
 
 def arithmetic_problem(rng: random.Random, *, num_terms: int, max_value: int) -> tuple[str, int]:
@@ -27,11 +35,19 @@ def arithmetic_problem(rng: random.Random, *, num_terms: int, max_value: int) ->
 def arithmetic_samples(
     count: int, *, seed: int, num_terms: int = 2, max_value: int = 99, split: str = "train"
 ) -> list[Sample]:
-    """`count` seeded arithmetic prompts; different `split` names give disjoint-seeded streams."""
+    """`count` seeded arithmetic prompts of `split` ("train" or "validation").
+
+    The two splits draw from disjoint sets of expressions (see `split_of`), so validation
+    accuracy is measured on problems the policy never trained on.
+    """
+    if split not in ("train", "validation"):
+        raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
     rng = random.Random(f"{split}:{seed}")
     samples = []
     for index in range(count):
         expression, value = arithmetic_problem(rng, num_terms=num_terms, max_value=max_value)
+        while split_of(expression) != split:
+            expression, value = arithmetic_problem(rng, num_terms=num_terms, max_value=max_value)
         samples.append(
             Sample(
                 prompt=f"Compute {expression}.",

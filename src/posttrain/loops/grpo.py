@@ -136,6 +136,8 @@ def run_grpo(cfg: RecipeConfig, *, console: Console) -> RunResult:
             buffer.add(groups, informative_groups(groups["rewards"]))
             if buffer.is_full:
                 kept = buffer.take()
+                if not grpo.dynamic_sampling_carry_over:
+                    metrics["train/dynamic_sampling_dropped_groups"] = float(buffer.discard_carry_over())
                 break
         metrics.update(rollout_metrics(generated, kept))
         if grpo.use_dynamic_sampling:

@@ -153,8 +153,7 @@ class PolicyTrainer:
                 gen_logprobs_BT=rows.gen_logprobs_BT,
             )
             loss.backward()
-            metrics["loss"] += float(loss.detach())
-            for key, value in loss_metrics.items():
+            for key, value in loss_metrics.items():  # includes "loss": summed over micro-batches
                 metrics[key] += value
 
         grad_norm = torch.nn.utils.clip_grad_norm_(

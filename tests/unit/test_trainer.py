@@ -1,0 +1,236 @@
+"""The policy trainer (training/trainer.py): fp32 masters, autocast, micro-batching, metrics."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from posttrain.config.loss import LossConfig
+from posttrain.config.schema import OptimizerConfig, PolicyConfig, SchedulerConfig
+from posttrain.models.loading import load_policy
+from posttrain.models.logprobs import token_logprobs
+from posttrain.training.trainer import (
+    MasterWeightsError,
+    PolicyTrainer,
+    TrainBatch,
+    assert_fp32_master_weights,
+    lr_multiplier,
+)
+
+pytestmark = pytest.mark.unit
+
+TEMPERATURE = 1.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matmuls run ~100x faster on one thread when the 2 cores are shared with other work."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def base_model(tiny_checkpoint):
+    return load_policy(tiny_checkpoint)
+
+
+@pytest.fixture
+def model(base_model):
+    return copy.deepcopy(base_model)
+
+
+def _policy(**overrides) -> PolicyConfig:
+    fields = dict(
+        precision="float32",
+        train_global_batch_size=4,
+        train_micro_batch_size=4,
+        max_grad_norm=1.0,
+        optimizer=OptimizerConfig(lr=1e-3),
+    )
+    return PolicyConfig(**{**fields, **overrides})
+
+
+# prompt lengths 3, 4, 2, 5 and response lengths 3, 1, 4, 2: right-padded to 8
+PROMPTS = [[2, 4, 40], [2, 4, 41, 5], [2, 4], [2, 4, 60, 61, 5]]
+RESPONSES = [[22, 23, 1], [24], [25, 26, 27, 5], [28, 1]]
+ADVANTAGES = [1.0, -1.0, 0.5, -0.5]
+
+
+def _batch(gen_logprobs_BT: torch.Tensor | None = None) -> TrainBatch:
+    width = max(len(p) + len(r) for p, r in zip(PROMPTS, RESPONSES))
+    ids, attn, loss = [], [], []
+    for prompt, response in zip(PROMPTS, RESPONSES):
+        pad = width - len(prompt) - len(response)
+        ids.append(prompt + response + [0] * pad)
+        attn.append([1] * (len(prompt) + len(response)) + [0] * pad)
+        loss.append([0] * len(prompt) + [1] * len(response) + [0] * pad)
+    input_ids_BT = torch.tensor(ids)
+    return TrainBatch(
+        input_ids_BT=input_ids_BT,
+        attention_mask_BT=torch.tensor(attn),
+        loss_mask_BT=torch.tensor(loss),
+        advantages_B=torch.tensor(ADVANTAGES),
+        gen_logprobs_BT=gen_logprobs_BT if gen_logprobs_BT is not None else torch.zeros(input_ids_BT.shape),
+    )
+
+
+# ------------------------------------------------------------------------------ master weights
+
+
+def test_assert_fp32_master_weights(model):
+    assert_fp32_master_weights(model)  # fp32: fine
+    model.to(torch.bfloat16)
+    with pytest.raises(MasterWeightsError, match="not float32"):
+        assert_fp32_master_weights(model)
+    with pytest.raises(MasterWeightsError):
+        PolicyTrainer(model, _policy(), LossConfig(), total_optimizer_steps=1)
+
+
+def test_frozen_bf16_parameters_are_allowed(model):
+    model.model.norm.to(torch.bfloat16).requires_grad_(False)
+    assert_fp32_master_weights(model)
+
+
+def test_bf16_autocast_step_keeps_fp32_and_moves_every_parameter(model):
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = PolicyTrainer(model, _policy(precision="bfloat16"), LossConfig(), total_optimizer_steps=1)
+    metrics = trainer.train(_batch(), TEMPERATURE)
+    assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+    for name, param in model.named_parameters():
+        assert param.dtype == torch.float32, name
+        assert not torch.equal(param, before[name]), f"{name} did not change"
+
+
+# -------------------------------------------------------------------------------- lr schedule
+
+
+@pytest.mark.parametrize(
+    ("step", "warmup", "total", "decay", "expected"),
+    [
+        (0, 4, 10, "constant", 0.25),
+        (1, 4, 10, "constant", 0.5),
+        (3, 4, 10, "constant", 1.0),
+        (9, 4, 10, "constant", 1.0),
+        (0, 0, 10, "linear", 1.0),
+        (2, 2, 10, "linear", 1.0),  # first step after warm-up: full lr
+        (6, 2, 10, "linear", 0.5),  # 1 - 4/8
+        (8, 2, 10, "linear", 0.25),  # 1 - 6/8
+        (10, 2, 10, "linear", 0.0),
+        (12, 2, 10, "linear", 0.0),  # clamped, never negative
+        (0, 0, 4, "cosine", 1.0),
+        (1, 0, 4, "cosine", 0.5 * (1 + math.cos(math.pi / 4))),  # 0.853553...
+        (2, 0, 4, "cosine", 0.5),
+        (4, 0, 4, "cosine", 0.0),
+        (6, 0, 4, "cosine", 0.0),  # stays at 0 past the end
+        (1, 2, 6, "cosine", 1.0),  # warm-up: 2/2
+        (4, 2, 6, "cosine", 0.5),  # progress 2/4
+    ],
+)
+def test_lr_multiplier_hand_values(step, warmup, total, decay, expected):
+    assert lr_multiplier(step, warmup_steps=warmup, total_steps=total, decay=decay) == pytest.approx(expected, abs=1e-12)
+
+
+def test_scheduler_applies_warmup_to_the_optimizer(model):
+    policy = _policy(optimizer=OptimizerConfig(lr=0.01), scheduler=SchedulerConfig(warmup_steps=4))
+    trainer = PolicyTrainer(model, policy, LossConfig(), total_optimizer_steps=10)
+    first = trainer.train(_batch(), TEMPERATURE)
+    second = trainer.train(_batch(), TEMPERATURE)
+    assert first["lr"] == pytest.approx(0.0025)
+    assert second["lr"] == pytest.approx(0.005)
+
+
+# ------------------------------------------------------------------------ micro-batch invariance
+
+
+def _hand_loss() -> float:
+    """With one optimizer step per batch the ratio is 1, so the token-level loss is
+    -sum_b A_b n_b / sum_b n_b, n_b = response tokens: -(3 - 1 + 2 - 1) / 10 = -0.3."""
+    tokens = [len(r) for r in RESPONSES]
+    return -sum(a * n for a, n in zip(ADVANTAGES, tokens)) / sum(tokens)
+
+
+def test_micro_batch_invariance(base_model):
+    """Micro-batches 1, 2 and 4 of one global batch of 4: same loss, gradient and update.
+
+    No clipping, so a wrongly scaled gradient shows in grad_norm and in Adam's first moment
+    (exp_avg = (1 - beta1) g after one step); Adam's eps is raised to 1e-6 because its first
+    update, lr g / (|g| + eps), turns fp32 summation-order noise on gradients near 1e-8 into
+    parameter differences near 1e-6 with the default eps.
+    """
+    policy = dict(max_grad_norm=None, optimizer=OptimizerConfig(lr=1e-3, eps=1e-6))
+    params, first_moments, metrics = {}, {}, {}
+    for micro in (1, 2, 4):
+        model = copy.deepcopy(base_model)
+        trainer = PolicyTrainer(model, _policy(train_micro_batch_size=micro, **policy), LossConfig(), total_optimizer_steps=1)
+        metrics[micro] = trainer.train(_batch(), TEMPERATURE)
+        params[micro] = {name: p.detach().clone() for name, p in model.named_parameters()}
+        first_moments[micro] = {name: trainer.optimizer.state[p]["exp_avg"].clone() for name, p in model.named_parameters()}
+
+    assert metrics[4]["loss"] == pytest.approx(_hand_loss(), abs=1e-6)
+    for micro in (1, 2):
+        assert metrics[micro]["loss"] == pytest.approx(metrics[4]["loss"], abs=1e-6)
+        assert metrics[micro]["grad_norm"] == pytest.approx(metrics[4]["grad_norm"], rel=1e-5)
+        for name, param in params[micro].items():
+            torch.testing.assert_close(first_moments[micro][name], first_moments[4][name], rtol=1e-4, atol=1e-9, msg=name)
+            torch.testing.assert_close(param, params[4][name], rtol=0, atol=1e-6, msg=name)
+    # the step did move the weights (the comparison above is not vacuous)
+    initial = dict(base_model.named_parameters())
+    moved = params[4]["model.layers.0.self_attn.q_proj.weight"] - initial["model.layers.0.self_attn.q_proj.weight"]
+    assert moved.abs().max() > 1e-4
+
+
+def test_sequence_level_loss_hand_value(model):
+    """token_level_loss false: mean over sequences of each sequence's mean: -(1 - 1 + .5 - .5) / 4 = 0."""
+    trainer = PolicyTrainer(model, _policy(train_micro_batch_size=1), LossConfig(token_level_loss=False), total_optimizer_steps=1)
+    assert trainer.train(_batch(), TEMPERATURE)["loss"] == pytest.approx(0.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------- mismatch metrics
+
+
+def _own_logprobs(model, batch: TrainBatch) -> torch.Tensor:
+    with torch.no_grad():
+        lp_BT = token_logprobs(model, batch.input_ids_BT, batch.attention_mask_BT, temperature=TEMPERATURE)
+    return lp_BT * batch.loss_mask_BT
+
+
+def test_token_mult_prob_error_is_one_when_engine_agrees(model):
+    batch = _batch()
+    batch.gen_logprobs_BT = _own_logprobs(model, batch)
+    trainer = PolicyTrainer(model, _policy(), LossConfig(), total_optimizer_steps=1)
+    metrics = trainer.train(batch, TEMPERATURE)
+    assert metrics["token_mult_prob_error"] == 1.0
+    assert metrics["gen_kl_error"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_token_mult_prob_error_with_constant_shift(model):
+    batch = _batch()
+    batch.gen_logprobs_BT = _own_logprobs(model, batch) + 0.1 * batch.loss_mask_BT
+    trainer = PolicyTrainer(model, _policy(train_micro_batch_size=2), LossConfig(), total_optimizer_steps=1)
+    metrics = trainer.train(batch, TEMPERATURE)
+    # every valid token: exp(|0.1|); k3 with logr = -0.1: exp(-0.1) - 1 + 0.1
+    assert metrics["token_mult_prob_error"] == pytest.approx(math.exp(0.1), abs=1e-6)
+    assert metrics["gen_kl_error"] == pytest.approx(math.exp(-0.1) - 0.9, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------- optimizer steps
+
+
+def test_two_global_batches_make_two_optimizer_steps(model):
+    batch = _batch()
+    batch.gen_logprobs_BT = _own_logprobs(model, batch) + 0.1 * batch.loss_mask_BT
+    trainer = PolicyTrainer(model, _policy(train_global_batch_size=2, train_micro_batch_size=1), LossConfig(), total_optimizer_steps=2)
+    metrics = trainer.train(batch, TEMPERATURE)
+    assert trainer.scheduler.last_epoch == 2
+    steps = {float(state["step"]) for state in trainer.optimizer.state.values()}
+    assert steps == {2.0}
+    # old logprobs come from the weights before the first step, so the shift is still exactly 0.1
+    assert metrics["token_mult_prob_error"] == pytest.approx(math.exp(0.1), abs=1e-6)
+    # step 1: rows 0, 1 -> -(3 - 1) / 4; step 2: rows 2, 3 -> -(2 - 1) / 6; ratio != 1 in step 2
+    # only through the first update, so the mean loss is near (-0.5 - 1/6) / 2
+    assert metrics["loss"] == pytest.approx((-0.5 - 1 / 6) / 2, abs=0.05)
