@@ -440,3 +440,11 @@ def test_dump_keeps_field_order_and_round_trips() -> None:
     assert list(yaml.safe_load(text)) == ["grpo", "loss_fn", "envs", "stop_strings"]
     assert text.startswith("grpo:\n  num_prompts_per_step: 4\n  num_generations_per_prompt: 8\n")
     assert validate_config(yaml.safe_load(text), Recipe) == cfg
+
+
+def test_a_different_union_type_replaces_the_base_mapping(tmp_path: Path) -> None:
+    write(tmp_path / "base.yaml", "data: {type: arithmetic, size: 10, max_value: 9}\n")
+    write(tmp_path / "same.yaml", "defaults: base.yaml\ndata: {size: 20}\n")
+    write(tmp_path / "other.yaml", "defaults: base.yaml\ndata: {type: file, path: x.jsonl}\n")
+    assert load_recipe(tmp_path / "same.yaml")["data"] == {"type": "arithmetic", "size": 20, "max_value": 9}
+    assert load_recipe(tmp_path / "other.yaml")["data"] == {"type": "file", "path": "x.jsonl"}

@@ -128,10 +128,15 @@ def _read_mapping(path: Path) -> dict[str, Any]:
 
 
 def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    """`top` over `base`: mappings merge recursively, anything else (lists, null) replaces."""
+    """`top` over `base`: mappings merge recursively, anything else (lists, null) replaces.
+
+    A mapping whose `type` differs from the base's (a different member of a discriminated
+    union, e.g. another data source) replaces the base mapping instead of merging into it.
+    """
     merged = {key: copy.deepcopy(value) for key, value in base.items()}
     for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+        old = merged.get(key)
+        if isinstance(value, Mapping) and isinstance(old, Mapping) and value.get("type", old.get("type")) == old.get("type"):
             merged[key] = _deep_merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)

@@ -100,6 +100,7 @@ class ArithmeticSource(Section):
     seed: int = 0
     num_terms: int = Field(2, ge=2)
     max_value: int = Field(99, ge=1)
+    operation: Literal["sum", "max"] = Field("sum", description='"sum": 37+48-5; "max": max(37, 48, 5).')
 
 
 class ReasoningGymSource(Section):
@@ -220,6 +221,15 @@ class WarmStartConfig(Section):
     num_steps: int = Field(100, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
+    label_noise: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description=(
+            "Share of warm-start examples whose answer is replaced by another prompt's answer: an imperfect "
+            "teacher, so that the warm-started policy knows the format but is often wrong, as real SFT models are."
+        ),
+    )
 
 
 # ----------------------------------------------------------------------------- run bookkeeping

@@ -20,9 +20,18 @@ def split_of(expression: str) -> str:
     return "validation" if zlib.crc32(expression.encode()) % VALIDATION_SHARE == 0 else "train"
 
 
-def arithmetic_problem(rng: random.Random, *, num_terms: int, max_value: int) -> tuple[str, int]:
-    """One random expression of `num_terms` integers in [0, max_value] joined by + or -."""
+def arithmetic_problem(
+    rng: random.Random, *, num_terms: int, max_value: int, operation: str = "sum"
+) -> tuple[str, int]:
+    """One random expression of `num_terms` integers in [0, max_value].
+
+    operation "sum": the integers joined by + or - ("37+48-5"); "max": "max(37, 48, 5)".
+    """
     terms = [rng.randint(0, max_value) for _ in range(num_terms)]
+    if operation == "max":
+        return f"max({', '.join(map(str, terms))})", max(terms)
+    if operation != "sum":
+        raise ValueError(f"operation must be 'sum' or 'max', got {operation!r}")
     operators = [rng.choice("+-") for _ in range(num_terms - 1)]
     expression = str(terms[0])
     value = terms[0]
@@ -33,7 +42,13 @@ def arithmetic_problem(rng: random.Random, *, num_terms: int, max_value: int) ->
 
 
 def arithmetic_samples(
-    count: int, *, seed: int, num_terms: int = 2, max_value: int = 99, split: str = "train"
+    count: int,
+    *,
+    seed: int,
+    num_terms: int = 2,
+    max_value: int = 99,
+    operation: str = "sum",
+    split: str = "train",
 ) -> list[Sample]:
     """`count` seeded arithmetic prompts of `split` ("train" or "validation").
 
@@ -45,9 +60,9 @@ def arithmetic_samples(
     rng = random.Random(f"{split}:{seed}")
     samples = []
     for index in range(count):
-        expression, value = arithmetic_problem(rng, num_terms=num_terms, max_value=max_value)
+        expression, value = arithmetic_problem(rng, num_terms=num_terms, max_value=max_value, operation=operation)
         while split_of(expression) != split:
-            expression, value = arithmetic_problem(rng, num_terms=num_terms, max_value=max_value)
+            expression, value = arithmetic_problem(rng, num_terms=num_terms, max_value=max_value, operation=operation)
         samples.append(
             Sample(
                 prompt=f"Compute {expression}.",

@@ -16,7 +16,12 @@ from posttrain.data.types import Sample
 def load_samples(source: PromptSource, *, split: str) -> list[Sample]:
     if isinstance(source, ArithmeticSource):
         return arithmetic_samples(
-            source.size, seed=source.seed, num_terms=source.num_terms, max_value=source.max_value, split=split
+            source.size,
+            seed=source.seed,
+            num_terms=source.num_terms,
+            max_value=source.max_value,
+            operation=source.operation,
+            split=split,
         )
     if isinstance(source, ReasoningGymSource):
         return load_reasoning_gym(source.task, size=source.size, seed=source.seed)
