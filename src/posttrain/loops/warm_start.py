@@ -65,7 +65,7 @@ def warm_start(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if on_step is not None:
-            on_step(step, float(loss))
+            on_step(step, losses[-1])
     return losses
