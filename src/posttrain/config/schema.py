@@ -55,6 +55,7 @@ class PolicyConfig(Section):
     model_name: str | None = Field(
         None, description="Local Hugging Face checkpoint directory. Leave null when `tiny_model` builds one."
     )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where trainer and generator run; auto: cuda if available.")
     precision: Literal["float32", "bfloat16"] = Field(
         "bfloat16", description="Compute dtype of forward/backward (autocast). Master weights are always fp32."
     )

@@ -91,7 +91,8 @@ def build_run(cfg: RecipeConfig, *, console: Console) -> RunParts:
     torch.manual_seed(cfg.grpo.seed)
 
     model_dir = Path(cfg.policy.model_name) if cfg.policy.model_name else prepare_tiny_model(cfg, log_dir / "init_model")
-    model = load_policy(model_dir)
+    device = cfg.policy.device if cfg.policy.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_policy(model_dir).to(device)
     tokenizer = load_tokenizer(model_dir)
 
     max_new = cfg.policy.generation.max_new_tokens

@@ -58,7 +58,10 @@ def warm_start(
         batch = rng.sample(prompts, min(cfg.batch_size, len(prompts)))
         # An imperfect teacher: some answers are another prompt's answer (usually wrong).
         answers = [answer_of(rng.choice(prompts) if rng.random() < cfg.label_noise else p) for p in batch]
-        input_ids, attention_mask, target_mask = supervised_rows(batch, answers, tokenizer, end_of_turn_id)
+        device = next(model.parameters()).device
+        input_ids, attention_mask, target_mask = (
+            t.to(device) for t in supervised_rows(batch, answers, tokenizer, end_of_turn_id)
+        )
         logprobs = token_logprobs(model, input_ids, attention_mask)
         loss = -(logprobs * target_mask).sum() / target_mask.sum()
         loss.backward()

@@ -53,6 +53,9 @@ class TrainBatch:
     def rows(self, start: int, stop: int) -> TrainBatch:
         return TrainBatch(*(t[start:stop] for t in vars(self).values()))
 
+    def to(self, device: torch.device) -> TrainBatch:
+        return TrainBatch(*(t.to(device) for t in vars(self).values()))
+
 
 def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, decay: str) -> float:
     """Linear warm-up over `warmup_steps`, then constant, linear or cosine decay to 0 at `total_steps`."""
@@ -90,6 +93,10 @@ class PolicyTrainer:
             ),
         )
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def autocast(self):
         if self.policy.precision == "float32":
             return nullcontext()
@@ -102,7 +109,7 @@ class PolicyTrainer:
         size = self.policy.logprob_batch_size or self.policy.train_micro_batch_size
         chunks = []
         for start in range(0, len(batch), size):
-            rows = batch.rows(start, start + size)
+            rows = batch.rows(start, start + size).to(self.device)
             with self.autocast():
                 chunks.append(token_logprobs(self.model, rows.input_ids_BT, rows.attention_mask_BT, temperature=temperature))
         return torch.cat(chunks)
@@ -138,7 +145,7 @@ class PolicyTrainer:
         lp_old_pieces = []
         micro = self.policy.train_micro_batch_size
         for start in range(0, len(batch), micro):
-            rows = batch.rows(start, start + micro)
+            rows = batch.rows(start, start + micro).to(self.device)
             with self.autocast():
                 logprobs_BT = token_logprobs(self.model, rows.input_ids_BT, rows.attention_mask_BT, temperature=temperature)
             rows_old_BT = logprobs_BT.detach() if old_logprobs_BT is None else old_logprobs_BT[start : start + micro]
@@ -169,7 +176,7 @@ class PolicyTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 
-        old_BT = torch.cat(lp_old_pieces)
+        old_BT = torch.cat(lp_old_pieces).to(mask_BT.device)
         metrics["token_mult_prob_error"] = token_mult_prob_error(batch.gen_logprobs_BT, old_BT, mask_BT)
         metrics["gen_kl_error"] = gen_kl_error(batch.gen_logprobs_BT, old_BT, mask_BT)
         return dict(metrics)
