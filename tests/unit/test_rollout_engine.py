@@ -216,3 +216,14 @@ def test_bf16_engine_keeps_its_own_copy(policy):
     assert {p.dtype for p in policy.parameters()} == {torch.float32}
     rollouts = engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=4, seed=0))
     assert all(math.isfinite(x) and x <= 0 for r in rollouts for x in r.logprobs)
+
+
+def test_tripwire_cache_is_the_fourth_forward_argument():
+    """The engine passes the KV cache positionally (its keyword was renamed between transformers
+    versions); this fails if a transformers release moves it."""
+    import inspect
+
+    from transformers import Gemma4ForCausalLM
+
+    fourth = list(inspect.signature(Gemma4ForCausalLM.forward).parameters)[4]  # after self
+    assert fourth in ("past_key_values", "cache"), fourth

@@ -36,8 +36,12 @@ def load(recipe: str | Path, overrides: list[str]) -> RecipeConfig:
 
 def run(cfg: RecipeConfig) -> int:
     # Imported here so that `posttrain validate` stays fast and torch-free.
+    from transformers.utils import logging as transformers_logging
+
     from posttrain.loops.grpo import run_grpo
     from posttrain.metrics.console import Console
+
+    transformers_logging.disable_progress_bar()  # posttrain shows its own progress
 
     console = Console(enabled=cfg.logger.progress)
     start = time.perf_counter()

@@ -15,7 +15,6 @@ def step_summary(step: int, metrics: dict[str, float]) -> str:
         ("mismatch", "train/token_mult_prob_error", "{:.4f}"),
         ("len", "train/mean_gen_tokens_per_sample", "{:.1f}"),
         ("kept", "train/dynamic_sampling_kept_fraction", "{:.2f}"),
-        ("grad", "train/grad_norm", "{:.3f}"),
     ]
     parts = [f"step {step:>4}"] + [f"{label} {fmt.format(metrics[key])}" for label, key, fmt in fields if key in metrics]
     if "timing/total_step" in metrics:
@@ -32,7 +31,7 @@ class Console:
 
     def note(self, text: str) -> None:
         if self.enabled:
-            self.rich.print(text, markup=False)
+            self.rich.print(text, markup=False, soft_wrap=True)
 
     def step_line(self, step: int, metrics: dict[str, float]) -> None:
         self.note(step_summary(step, metrics))

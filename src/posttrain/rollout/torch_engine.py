@@ -80,12 +80,10 @@ class TorchRolloutEngine:
         stopped_B = torch.zeros(batch_size, dtype=torch.bool, device=self._device)
         tokens, logprobs = [], []
         for step in range(params.max_new_tokens):
+            # The cache goes in 4th position: transformers renamed the keyword from
+            # `past_key_values` (<= 5.23) to `cache` (5.24+); the position is the same in both.
             logits_BV = self.model(
-                input_ids=step_input_BT,
-                attention_mask=attention_mask_BT,
-                position_ids=step_positions_BT,
-                past_key_values=cache,
-                use_cache=True,
+                step_input_BT, attention_mask_BT, step_positions_BT, cache, use_cache=True
             ).logits[:, -1].float() / params.temperature
             logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
             sampling_logits_BV = truncate_logits(logits_BV, params.top_p, params.top_k)
