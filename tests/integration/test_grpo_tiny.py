@@ -77,3 +77,20 @@ def test_cli_validate_and_train_tiny_grpo_recipe(tmp_path, capsys):
     assert [r["step"] for r in records] == [0, 1, 2]
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "step_2" / "model.safetensors").is_file()
     assert any((out / "tensorboard").iterdir())
+
+
+def test_kl_penalty_to_the_policy_as_rl_starts(tmp_path):
+    cfg = quickstart_config(
+        tmp_path,
+        "warm_start.num_steps=20",
+        "grpo.use_dynamic_sampling=false",
+        "grpo.max_num_steps=3",
+        "grpo.val_period=0",
+        "grpo.val_at_end=false",
+        "loss_fn.reference_policy_kl_penalty=0.05",
+    )
+    run_grpo(cfg, console=Console(enabled=False))
+    records = [r for r in read_metrics(tmp_path) if "train/kl_penalty" in r]
+    assert records[0]["train/kl_penalty"] == pytest.approx(0.0, abs=1e-9)  # step 1: policy == reference
+    assert records[-1]["train/kl_penalty"] > 0.0  # after two updates the policy has moved
+    assert (tmp_path / "reference_policy.safetensors").is_file()

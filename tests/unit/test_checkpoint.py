@@ -21,14 +21,6 @@ LOOP_STATE = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls run ~100x faster on one thread when the 2 cores are shared with other work."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _trainer_parts(tiny_checkpoint):
     model = load_policy(tiny_checkpoint)

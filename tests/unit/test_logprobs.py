@@ -13,14 +13,6 @@ from posttrain.models.logprobs import logprobs_from_logits, position_ids_from_ma
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls run ~100x faster on one thread when the 2 cores are shared with other work."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 TEMPERATURE = 0.7
 CAP = 30.0
 

@@ -106,3 +106,12 @@ def test_cli_validate_does_not_import_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_config_reference_doc_is_up_to_date():
+    """docs/config.md is generated from the schema; regenerate it with
+    `python -m posttrain.config.reference > docs/config.md` after changing a field."""
+    from posttrain.config.reference import markdown_reference
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "config.md"
+    assert doc.read_text() == markdown_reference()

@@ -16,14 +16,6 @@ from posttrain.rollout.torch_engine import TorchRolloutEngine, truncate_logits
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls run ~100x faster on one thread when the 2 cores are shared with other work."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 TEMPERATURE = 0.8
 PAD = 0
 # chat-like prompts of different lengths (ids < 277, the tiny vocab)

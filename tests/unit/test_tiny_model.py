@@ -18,14 +18,6 @@ from posttrain.models.tiny import tiny_gemma4_config
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls run ~100x faster on one thread when the 2 cores are shared with other work."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 # conftest's tiny model: hidden 64, 2 query heads, 1 kv head, head_dim 32 on every layer.
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 2, 1, 32
 

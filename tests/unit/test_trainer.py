@@ -25,14 +25,6 @@ pytestmark = pytest.mark.unit
 TEMPERATURE = 1.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls run ~100x faster on one thread when the 2 cores are shared with other work."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def base_model(tiny_checkpoint):
@@ -234,3 +226,37 @@ def test_two_global_batches_make_two_optimizer_steps(model):
     # step 1: rows 0, 1 -> -(3 - 1) / 4; step 2: rows 2, 3 -> -(2 - 1) / 6; ratio != 1 in step 2
     # only through the first update, so the mean loss is near (-0.5 - 1/6) / 2
     assert metrics["loss"] == pytest.approx((-0.5 - 1 / 6) / 2, abs=0.05)
+
+
+# ------------------------------------------------------------------------------- KL penalty
+
+
+def test_kl_penalty_needs_a_reference_model(model):
+    with pytest.raises(ValueError, match="reference model"):
+        PolicyTrainer(model, _policy(), LossConfig(reference_policy_kl_penalty=0.1), total_optimizer_steps=1)
+
+
+def test_kl_penalty_against_a_different_reference(model, base_model):
+    """The k3 penalty the trainer reports equals one computed by hand from both models' logprobs."""
+    reference = copy.deepcopy(base_model)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    batch = _batch()
+    mask_BT = batch.loss_mask_BT.float()
+    lp_BT = _own_logprobs(model, batch)
+    ref_BT = _own_logprobs(reference, batch)
+    log_r = (ref_BT - lp_BT).clamp(-20, 20)
+    expected_k3 = float((((log_r.exp() - 1 - log_r).clamp(-10, 10)) * mask_BT).sum() / mask_BT.sum())
+    assert expected_k3 > 1e-6  # the perturbation really moved the reference
+
+    loss_cfg = LossConfig(reference_policy_kl_penalty=0.1, reference_policy_kl_type="k3")
+    trainer = PolicyTrainer(model, _policy(), loss_cfg, total_optimizer_steps=1, reference_model=reference)
+    metrics = trainer.train(batch, TEMPERATURE)
+    assert metrics["kl_penalty"] == pytest.approx(expected_k3, rel=1e-4)
+
+
+def test_no_reference_forward_when_beta_is_zero(model, base_model):
+    trainer = PolicyTrainer(model, _policy(), LossConfig(), total_optimizer_steps=1, reference_model=base_model)
+    assert trainer.reference_model is None
+    assert trainer.train(_batch(), TEMPERATURE)["kl_penalty"] == 0.0

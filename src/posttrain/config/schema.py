@@ -72,15 +72,15 @@ class PolicyConfig(Section):
 class TinyModelConfig(Section):
     """Build a random-init tiny Gemma 4 text model and train its tokenizer locally (no downloads)."""
 
-    hidden_size: int = Field(64, ge=8)
-    num_hidden_layers: int = Field(2, ge=1)
-    num_attention_heads: int = Field(2, ge=1)
-    num_key_value_heads: int = Field(1, ge=1)
-    head_dim: int = Field(32, ge=4)
-    intermediate_size: int = Field(128, ge=8)
+    hidden_size: int = Field(64, ge=8, description="Model width.")
+    num_hidden_layers: int = Field(2, ge=1, description="Decoder layers, alternating sliding and full attention (the last is full).")
+    num_attention_heads: int = Field(2, ge=1, description="Query heads per layer.")
+    num_key_value_heads: int = Field(1, ge=1, description="Key/value heads per layer (grouped-query attention).")
+    head_dim: int = Field(32, ge=4, description="Head size of sliding and full layers alike (passed as global_head_dim too).")
+    intermediate_size: int = Field(128, ge=8, description="MLP width.")
     vocab_size: int = Field(128, ge=16, description="BPE merges beyond the 256 byte symbols and special tokens.")
     tokenizer_corpus_size: int = Field(2000, ge=1, description="Training prompts + answers used to train the tokenizer.")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the random initialization.")
 
     @model_validator(mode="after")
     def heads_divide(self) -> TinyModelConfig:
@@ -96,26 +96,32 @@ class TinyModelConfig(Section):
 
 
 class ArithmeticSource(Section):
-    type: Literal["arithmetic"]
+    """Procedurally generated arithmetic prompts; train and validation never share an expression."""
+
+    type: Literal["arithmetic"] = Field(description="Selects this source.")
     size: int = Field(ge=1, description="Number of prompts.")
-    seed: int = 0
-    num_terms: int = Field(2, ge=2)
-    max_value: int = Field(99, ge=1)
+    seed: int = Field(0, description="Generator seed.")
+    num_terms: int = Field(2, ge=2, description="Integers per expression.")
+    max_value: int = Field(99, ge=1, description="Integers are drawn from [0, max_value].")
     operation: Literal["sum", "max"] = Field("sum", description='"sum": 37+48-5; "max": max(37, 48, 5).')
 
 
 class ReasoningGymSource(Section):
-    type: Literal["reasoning_gym"]
+    """Prompts from one of reasoning-gym's procedural tasks (generated offline)."""
+
+    type: Literal["reasoning_gym"] = Field(description="Selects this source.")
     task: str = Field(description="A reasoning-gym dataset name, e.g. chain_sum.")
-    size: int = Field(ge=1)
-    seed: int = 0
+    size: int = Field(ge=1, description="Number of prompts.")
+    seed: int = Field(0, description="reasoning-gym's dataset seed.")
 
 
 class FileSource(Section):
-    type: Literal["file"]
+    """Prompts from a local JSONL or Parquet file (read with `datasets`)."""
+
+    type: Literal["file"] = Field(description="Selects this source.")
     path: str = Field(description="Local .jsonl/.json or .parquet file.")
-    prompt_key: str = "prompt"
-    answer_key: str = "answer"
+    prompt_key: str = Field("prompt", description="Column with the prompt text or a chat `messages` list.")
+    answer_key: str = Field("answer", description="Column with the ground-truth answer.")
     limit: int | None = Field(None, ge=1, description="Use only the first rows.")
 
 
@@ -123,12 +129,12 @@ PromptSource = Annotated[ArithmeticSource | ReasoningGymSource | FileSource, Fie
 
 
 class DataConfig(Section):
-    train: PromptSource
-    validation: PromptSource | None = None
+    train: PromptSource = Field(description="Where training prompts come from (a source with a `type`).")
+    validation: PromptSource | None = Field(None, description="Held-out prompts for validation/accuracy; null: no validation.")
     prompt_template: str = Field(
         "{prompt}", description="Python format string applied to each prompt before the chat template; must contain {prompt}."
     )
-    shuffle: bool = True
+    shuffle: bool = Field(True, description="Reshuffle training prompts every epoch (seeded by grpo.seed).")
 
     @model_validator(mode="after")
     def template_has_prompt(self) -> DataConfig:
@@ -172,31 +178,35 @@ class EnvConfig(Section):
 class RewardScalingConfig(Section):
     """Linear map of rewards from [source_min, source_max] to [target_min, target_max] (clamped first)."""
 
-    enabled: bool = False
-    source_min: float = 0.0
-    source_max: float = 1.0
-    target_min: float = -1.0
-    target_max: float = 1.0
+    enabled: bool = Field(False, description="Apply the map.")
+    source_min: float = Field(0.0, description="Rewards are clamped to [source_min, source_max] first.")
+    source_max: float = Field(1.0, description="Upper end of the source range.")
+    target_min: float = Field(-1.0, description="source_min maps here.")
+    target_max: float = Field(1.0, description="source_max maps here.")
 
 
 class RewardShapingConfig(Section):
     """DAPO's soft overlong punishment."""
 
-    enabled: bool = False
-    overlong_buffer_length: int = Field(128, ge=1)
-    overlong_buffer_penalty: float = Field(1.0, ge=0)
+    enabled: bool = Field(False, description="Add the penalty to the reward.")
+    overlong_buffer_length: int = Field(
+        128, ge=1, description="The penalty ramps linearly over the last this many tokens before max_response_length."
+    )
+    overlong_buffer_penalty: float = Field(1.0, ge=0, description="Penalty at max_response_length.")
     max_response_length: int | None = Field(None, ge=1, description="null: policy.generation.max_new_tokens.")
 
 
 class GRPOConfig(Section):
-    num_prompts_per_step: int = Field(32, ge=1)
-    num_generations_per_prompt: int = Field(16, ge=1)
+    num_prompts_per_step: int = Field(32, ge=1, description="Prompt groups trained on per step.")
+    num_generations_per_prompt: int = Field(16, ge=1, description="Responses sampled per prompt (the group size).")
     max_num_steps: int = Field(100, ge=1, description="RL steps (one rollout batch each).")
     normalize_rewards: bool = Field(True, description="Divide advantages by the group's reward std.")
-    use_leave_one_out_baseline: bool = False
+    use_leave_one_out_baseline: bool = Field(False, description="Baseline each response by the mean of the others in its group.")
     use_dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards all agree, resample until the batch is full.")
     batch_multiplier: int = Field(1, ge=1, description="With dynamic sampling, each generation batch has this many times the prompts.")
-    dynamic_sampling_max_gen_batches: int = Field(10, ge=1)
+    dynamic_sampling_max_gen_batches: int = Field(
+        10, ge=1, description="Give up with a clear error when this many generation batches did not fill a step."
+    )
     dynamic_sampling_carry_over: bool = Field(
         False,
         description=(
@@ -208,20 +218,20 @@ class GRPOConfig(Section):
     reward_scaling: RewardScalingConfig = RewardScalingConfig()
     reward_shaping: RewardShapingConfig = RewardShapingConfig()
     val_period: int = Field(10, ge=0, description="Validate every this many steps (0: never).")
-    val_at_start: bool = True
-    val_at_end: bool = True
-    max_val_samples: int | None = Field(None, ge=1)
+    val_at_start: bool = Field(True, description="Validate before the first RL step (logged as step 0).")
+    val_at_end: bool = Field(True, description="Validate after the last step.")
+    max_val_samples: int | None = Field(None, ge=1, description="Use only the first validation prompts; null: all.")
     val_temperature: float | None = Field(None, ge=0, description="Sampling temperature for validation; 0 greedy; null: generation's.")
-    seed: int = 42
+    seed: int = Field(42, description="Seeds sampling, data order and initialization; runs are reproducible from it.")
 
 
 class WarmStartConfig(Section):
     """A short supervised phase on solved training prompts before RL (teacher-forced cross-entropy on the answer)."""
 
-    enabled: bool = False
-    num_steps: int = Field(100, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    enabled: bool = Field(False, description="Run the warm start before RL (skipped when resuming).")
+    num_steps: int = Field(100, ge=1, description="AdamW steps.")
+    batch_size: int = Field(64, ge=1, description="Prompts per step, drawn from the training data.")
+    lr: float = Field(1e-3, gt=0, description="Constant learning rate.")
     label_noise: float = Field(
         0.0,
         ge=0,
@@ -238,13 +248,13 @@ class WarmStartConfig(Section):
 
 class LoggerConfig(Section):
     log_dir: str = Field("runs/posttrain", description="Run directory: metrics.jsonl, config, TensorBoard, checkpoints.")
-    tensorboard_enabled: bool = True
-    num_val_samples_to_print: int = Field(0, ge=0)
+    tensorboard_enabled: bool = Field(True, description="Also write TensorBoard event files under <log_dir>/tensorboard.")
+    num_val_samples_to_print: int = Field(0, ge=0, description="Print this many validation prompts and responses.")
     progress: bool = Field(True, description="Show a progress bar and per-step lines on the console.")
 
 
 class CheckpointingConfig(Section):
-    enabled: bool = True
+    enabled: bool = Field(True, description="Save checkpoints; `posttrain train` resumes from the latest one.")
     checkpoint_dir: str | None = Field(None, description="null: <log_dir>/checkpoints.")
     save_period: int = Field(10, ge=1, description="Save every this many steps (and at the end).")
     keep_top_k: int | None = Field(2, ge=1, description="Keep the newest k checkpoints.")

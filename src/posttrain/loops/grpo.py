@@ -7,11 +7,13 @@ shaping switched on in the recipe. Everything algorithmic is a pure function in
 
 from __future__ import annotations
 
+import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_model, save_model
 
 from posttrain.algorithms.advantages import group_advantages
 from posttrain.algorithms.dynamic_sampling import DynamicSamplingBuffer, informative_groups
@@ -23,7 +25,6 @@ from posttrain.loops.setup import RunParts, build_run
 from posttrain.loops.validation import validate
 from posttrain.metrics.console import Console
 from posttrain.metrics.logger import MetricsLogger
-from posttrain.rollout.base import SamplingParams
 from posttrain.training.trainer import PolicyTrainer, TrainBatch
 
 
@@ -74,21 +75,81 @@ def rollout_metrics(generated: list[dict[str, torch.Tensor]], kept: dict[str, to
     }
 
 
+def reference_policy(parts: RunParts, cfg: RecipeConfig) -> torch.nn.Module | None:
+    """The frozen policy the KL penalty pulls towards: the policy as RL starts (after the warm
+    start), saved once in the run directory so that a resumed run uses the same one."""
+    if cfg.loss_fn.reference_policy_kl_penalty == 0:
+        return None  # no KL term: no reference copy, no reference forward passes
+    reference = copy.deepcopy(parts.model).requires_grad_(False).eval()
+    path = parts.log_dir / "reference_policy.safetensors"
+    if path.is_file():
+        load_model(reference, str(path))
+    else:
+        save_model(reference, str(path))
+    return reference
+
+
+def collect_step_groups(
+    parts: RunParts, cfg: RecipeConfig, buffer: DynamicSamplingBuffer, step: int
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Generate and score one batch of prompt groups, or several until dynamic sampling has
+    `num_prompts_per_step` informative groups. Returns the groups to train on and metrics."""
+    grpo = cfg.grpo
+    num_prompts = grpo.num_prompts_per_step * (grpo.batch_multiplier if grpo.use_dynamic_sampling else 1)
+    metrics: dict[str, float] = {}
+    generated = []
+    while True:
+        params = replace(parts.sampling_params, seed=grpo.seed * 1_000_003 + step * 1_009 + len(generated))
+        groups, timings = generate_and_score(
+            parts.train_prompts.next_batch(num_prompts),
+            engine=parts.engine,
+            params=params,
+            env=parts.env,
+            tokenizer=parts.tokenizer,
+            grpo=grpo,
+            num_generations=grpo.num_generations_per_prompt,
+            width=cfg.policy.max_total_sequence_length,
+        )
+        for key, value in timings.items():
+            metrics[key] = metrics.get(key, 0.0) + value
+        generated.append(groups)
+        if not grpo.use_dynamic_sampling:
+            kept = groups
+            break
+        buffer.add(groups, informative_groups(groups["rewards"]))
+        if buffer.is_full:
+            kept = buffer.take()
+            if not grpo.dynamic_sampling_carry_over:
+                metrics["train/dynamic_sampling_dropped_groups"] = float(buffer.discard_carry_over())
+            break
+    metrics.update(rollout_metrics(generated, kept))
+    if grpo.use_dynamic_sampling:
+        sampled = sum(g["rewards"].shape[0] for g in generated)
+        informative = sum(int(informative_groups(g["rewards"]).sum()) for g in generated)
+        metrics["train/dynamic_sampling_gen_batches"] = float(len(generated))
+        metrics["train/dynamic_sampling_kept_fraction"] = informative / sampled
+    return kept, metrics
+
+
 def run_grpo(cfg: RecipeConfig, *, console: Console) -> RunResult:
     parts: RunParts = build_run(cfg, console=console)
     grpo, policy = cfg.grpo, cfg.policy
+    checkpoint = latest_checkpoint(parts.checkpoint_dir)
+    if checkpoint is None:
+        parts.run_warm_start()
     samples_per_step = grpo.num_prompts_per_step * grpo.num_generations_per_prompt
     trainer = PolicyTrainer(
         parts.model,
         policy,
         cfg.loss_fn,
         total_optimizer_steps=grpo.max_num_steps * samples_per_step // policy.train_global_batch_size,
+        reference_model=reference_policy(parts, cfg),
     )
     buffer = DynamicSamplingBuffer(grpo.num_prompts_per_step, grpo.dynamic_sampling_max_gen_batches)
     logger = MetricsLogger(parts.log_dir, tensorboard=cfg.logger.tensorboard_enabled)
 
     start_step, validation_accuracy = 0, {}
-    if (checkpoint := latest_checkpoint(parts.checkpoint_dir)) is not None:
+    if checkpoint is not None:
         loop_state = load_checkpoint(checkpoint, model=parts.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler)
         start_step = loop_state["step"]
         parts.train_prompts.load_state_dict(loop_state["data"])
@@ -96,60 +157,20 @@ def run_grpo(cfg: RecipeConfig, *, console: Console) -> RunResult:
         parts.engine.refresh_weights(parts.model.named_parameters())
         logger.truncate_after(start_step)
         console.note(f"resumed from {checkpoint} (step {start_step})")
-    else:
-        parts.run_warm_start()
-
-    if start_step == 0 and grpo.val_at_start and parts.val_prompts:
+    elif grpo.val_at_start and parts.val_prompts:
         val = validate(parts, cfg, step=0)
         validation_accuracy[0] = val["validation/accuracy"]
         logger.log(0, val)
         console.step_line(0, val)
 
-    sampling = parts.sampling_params
     console.start_progress("RL", total=grpo.max_num_steps, completed=start_step)
     for step in range(start_step + 1, grpo.max_num_steps + 1):
         step_start = time.perf_counter()
-        metrics: dict[str, float] = {}
-        generated = []
-        gen_batch = 0
-        while True:  # one generation batch, or several with dynamic sampling
-            num_prompts = grpo.num_prompts_per_step * (grpo.batch_multiplier if grpo.use_dynamic_sampling else 1)
-            prompts = parts.train_prompts.next_batch(num_prompts)
-            params = SamplingParams(**{**vars(sampling), "seed": grpo.seed * 1_000_003 + step * 1_009 + gen_batch})
-            groups, timings = generate_and_score(
-                prompts,
-                engine=parts.engine,
-                params=params,
-                env=parts.env,
-                tokenizer=parts.tokenizer,
-                grpo=grpo,
-                num_generations=grpo.num_generations_per_prompt,
-                width=policy.max_total_sequence_length,
-            )
-            for key, value in timings.items():
-                metrics[key] = metrics.get(key, 0.0) + value
-            generated.append(groups)
-            gen_batch += 1
-            if not grpo.use_dynamic_sampling:
-                kept = groups
-                break
-            buffer.add(groups, informative_groups(groups["rewards"]))
-            if buffer.is_full:
-                kept = buffer.take()
-                if not grpo.dynamic_sampling_carry_over:
-                    metrics["train/dynamic_sampling_dropped_groups"] = float(buffer.discard_carry_over())
-                break
-        metrics.update(rollout_metrics(generated, kept))
-        if grpo.use_dynamic_sampling:
-            metrics["train/dynamic_sampling_gen_batches"] = float(gen_batch)
-            sampled = sum(g["rewards"].shape[0] for g in generated)
-            metrics["train/dynamic_sampling_kept_fraction"] = float(
-                sum(int(informative_groups(g["rewards"]).sum()) for g in generated) / sampled
-            )
+        kept, metrics = collect_step_groups(parts, cfg, buffer, step)
         metrics.update(parts.env.pop_metrics())
 
         train_start = time.perf_counter()
-        train_metrics = trainer.train(to_train_batch(kept, cfg), temperature=sampling.temperature)
+        train_metrics = trainer.train(to_train_batch(kept, cfg), temperature=parts.sampling_params.temperature)
         metrics.update({f"train/{key}": value for key, value in train_metrics.items()})
         metrics["timing/training"] = time.perf_counter() - train_start
 
@@ -168,17 +189,14 @@ def run_grpo(cfg: RecipeConfig, *, console: Console) -> RunResult:
         console.advance()
 
         if cfg.checkpointing.enabled and (step % cfg.checkpointing.save_period == 0 or is_last):
+            loop_state = {"step": step, "data": parts.train_prompts.state_dict(), "dynamic_sampling": buffer.state_dict()}
             save_checkpoint(
                 parts.checkpoint_dir,
                 step,
                 model=parts.model,
                 optimizer=trainer.optimizer,
                 scheduler=trainer.scheduler,
-                loop_state={
-                    "step": step,
-                    "data": parts.train_prompts.state_dict(),
-                    "dynamic_sampling": buffer.state_dict(),
-                },
+                loop_state=loop_state,
                 keep_top_k=cfg.checkpointing.keep_top_k,
             )
     console.stop_progress()

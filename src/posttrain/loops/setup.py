@@ -10,8 +10,8 @@ from transformers import PreTrainedTokenizerBase
 
 from posttrain.config.loader import dump_config
 from posttrain.config.schema import RecipeConfig
-from posttrain.data.arithmetic import arithmetic_samples
 from posttrain.data.prompts import Prompt, PromptIterator, load_samples, tokenize_prompts
+from posttrain.data.types import Sample
 from posttrain.environments import Environment, build
 from posttrain.loops.warm_start import warm_start
 from posttrain.metrics.console import Console
@@ -60,13 +60,15 @@ class RunParts:
         self.engine.refresh_weights(self.model.named_parameters())
 
 
-def prepare_tiny_model(cfg: RecipeConfig, out_dir: Path) -> Path:
+def prepare_tiny_model(cfg: RecipeConfig, train_samples: list[Sample], out_dir: Path) -> Path:
     """Train a tokenizer on the task's text and save a random-init tiny Gemma 4 (once per run dir)."""
     if (out_dir / "config.json").is_file():
         return out_dir
     tiny = cfg.tiny_model
-    corpus_samples = load_samples(cfg.data.train, split="train")[: tiny.tokenizer_corpus_size]
-    corpus = [cfg.data.prompt_template.format(prompt=s.prompt) + " " + str(s.ground_truth) for s in corpus_samples]
+    corpus = [
+        cfg.data.prompt_template.format(prompt=s.prompt) + " " + str(s.ground_truth)
+        for s in train_samples[: tiny.tokenizer_corpus_size]
+    ]
     corpus += ["user model"]  # the chat template's role names
     tokenizer = train_tokenizer(corpus, vocab_size=256 + 6 + tiny.vocab_size)
     save_tiny_gemma4(
@@ -90,7 +92,11 @@ def build_run(cfg: RecipeConfig, *, console: Console) -> RunParts:
     checkpoint_dir = Path(cfg.checkpointing.checkpoint_dir or log_dir / "checkpoints")
     torch.manual_seed(cfg.grpo.seed)
 
-    model_dir = Path(cfg.policy.model_name) if cfg.policy.model_name else prepare_tiny_model(cfg, log_dir / "init_model")
+    train_samples = load_samples(cfg.data.train, split="train")
+    if cfg.policy.model_name:
+        model_dir = Path(cfg.policy.model_name)
+    else:
+        model_dir = prepare_tiny_model(cfg, train_samples, log_dir / "init_model")
     device = cfg.policy.device if cfg.policy.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_policy(model_dir).to(device)
     tokenizer = load_tokenizer(model_dir)
@@ -98,7 +104,7 @@ def build_run(cfg: RecipeConfig, *, console: Console) -> RunParts:
     max_new = cfg.policy.generation.max_new_tokens
     max_prompt = cfg.policy.max_total_sequence_length - max_new
     template = cfg.data.prompt_template
-    train = tokenize_prompts(load_samples(cfg.data.train, split="train"), tokenizer, template=template, max_prompt_tokens=max_prompt)
+    train = tokenize_prompts(train_samples, tokenizer, template=template, max_prompt_tokens=max_prompt)
     val: list[Prompt] = []
     if cfg.data.validation is not None:
         val_samples = load_samples(cfg.data.validation, split="validation")[: cfg.grpo.max_val_samples]

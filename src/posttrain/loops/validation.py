@@ -7,11 +7,16 @@ from dataclasses import replace
 
 import torch
 
+from typing import TYPE_CHECKING
+
 from posttrain.config.schema import RecipeConfig
 from posttrain.environments import scoring_metadata
 
+if TYPE_CHECKING:
+    from posttrain.loops.setup import RunParts
 
-def validate(parts, cfg: RecipeConfig, *, step: int) -> dict[str, float]:
+
+def validate(parts: RunParts, cfg: RecipeConfig, *, step: int) -> dict[str, float]:
     start = time.perf_counter()
     temperature = cfg.grpo.val_temperature
     params = replace(parts.sampling_params, seed=cfg.grpo.seed + 7_919)  # the same draws at every validation

@@ -70,9 +70,21 @@ def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, decay: str)
 
 
 class PolicyTrainer:
-    def __init__(self, model: torch.nn.Module, policy: PolicyConfig, loss: LossConfig, *, total_optimizer_steps: int):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        policy: PolicyConfig,
+        loss: LossConfig,
+        *,
+        total_optimizer_steps: int,
+        reference_model: torch.nn.Module | None = None,
+    ):
+        """`reference_model` (frozen) is needed only when the loss has a KL penalty (beta > 0)."""
         assert_fp32_master_weights(model)
+        if loss.reference_policy_kl_penalty > 0 and reference_model is None:
+            raise ValueError("loss_fn.reference_policy_kl_penalty > 0 needs a reference model")
         self.model = model
+        self.reference_model = reference_model if loss.reference_policy_kl_penalty > 0 else None
         self.policy = policy
         self.loss_cfg = loss
         opt = policy.optimizer
@@ -150,6 +162,12 @@ class PolicyTrainer:
                 logprobs_BT = token_logprobs(self.model, rows.input_ids_BT, rows.attention_mask_BT, temperature=temperature)
             rows_old_BT = logprobs_BT.detach() if old_logprobs_BT is None else old_logprobs_BT[start : start + micro]
             lp_old_pieces.append(rows_old_BT)
+            ref_logprobs_BT = None
+            if self.reference_model is not None:
+                with torch.no_grad(), self.autocast():
+                    ref_logprobs_BT = token_logprobs(
+                        self.reference_model, rows.input_ids_BT, rows.attention_mask_BT, temperature=temperature
+                    )
             loss, loss_metrics = clipped_pg_loss(
                 logprobs_BT,
                 rows_old_BT,
@@ -158,6 +176,7 @@ class PolicyTrainer:
                 self.loss_cfg,
                 global_normalizer=max(global_normalizer, 1.0),
                 gen_logprobs_BT=rows.gen_logprobs_BT,
+                ref_logprobs_BT=ref_logprobs_BT,
             )
             loss.backward()
             for key, value in loss_metrics.items():  # includes "loss": summed over micro-batches
