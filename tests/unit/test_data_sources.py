@@ -7,6 +7,7 @@ import pytest
 
 from posttrain.data.sources import DataError, load_jsonl_or_parquet, load_reasoning_gym
 from posttrain.data.types import Sample
+from posttrain.environments import ReasoningGymEnvironment, scoring_metadata
 
 pytestmark = pytest.mark.unit
 
@@ -159,12 +160,26 @@ def test_reasoning_gym_is_deterministic_by_seed():
         "reasoning_gym_task": "chain_sum",
         "reasoning_gym_size": 4,
         "reasoning_gym_seed": 7,
+        "reasoning_gym_config": {},
         "entry_index": 2,
     }
     # chain_sum answers are the integer value of the sum in the question
     expression = sample.prompt.rsplit(":", 1)[1].strip().rstrip("=").strip()
     assert sample.ground_truth == str(eval(expression))  # noqa: S307 (digits and + - only)
     json.dumps(sample.metadata)  # JSON-serialisable
+
+
+def test_reasoning_gym_task_options_reach_the_generator_and_the_scorer():
+    samples = load_reasoning_gym("chain_sum", size=20, seed=3, config={"min_terms": 2, "max_terms": 2, "max_digits": 1})
+    for sample in samples:
+        expression = sample.prompt.rsplit(":", 1)[1].strip().rstrip("=").strip()
+        operands = expression.replace("-", "+").split("+")
+        assert len(operands) == 2 and all(len(o.strip()) == 1 for o in operands), expression
+    env = ReasoningGymEnvironment(answer_format="raw")
+    metadata = [scoring_metadata(s) for s in samples[:2]]
+    truths = [s.ground_truth for s in samples[:2]]
+    wrong = str(int(truths[1]) + 1)  # never contains the true answer as a substring (no partial credit)
+    assert env.score(["", ""], [truths[0], wrong], metadata) == [1.0, 0.0]
 
 
 def test_reasoning_gym_unknown_task_suggests_close_names():

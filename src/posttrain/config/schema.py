@@ -113,6 +113,9 @@ class ReasoningGymSource(Section):
     task: str = Field(description="A reasoning-gym dataset name, e.g. chain_sum.")
     size: int = Field(ge=1, description="Number of prompts.")
     seed: int = Field(0, description="reasoning-gym's dataset seed.")
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="The task's own options, e.g. chain_sum's {min_terms: 2, max_terms: 2, max_digits: 1}."
+    )
 
 
 class FileSource(Section):

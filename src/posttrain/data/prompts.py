@@ -24,7 +24,7 @@ def load_samples(source: PromptSource, *, split: str) -> list[Sample]:
             split=split,
         )
     if isinstance(source, ReasoningGymSource):
-        return load_reasoning_gym(source.task, size=source.size, seed=source.seed)
+        return load_reasoning_gym(source.task, size=source.size, seed=source.seed, config=source.config)
     if isinstance(source, FileSource):
         return load_jsonl_or_parquet(source.path, prompt_key=source.prompt_key, answer_key=source.answer_key, limit=source.limit)
     raise TypeError(f"unknown prompt source {source!r}")

@@ -160,13 +160,16 @@ def _last_user_message(messages: list[Any], *, where: str, prompt_key: str) -> s
     raise DataError(f"{where}: {prompt_key!r} has no message with role 'user' (roles: {roles})")
 
 
-def load_reasoning_gym(task: str, *, size: int, seed: int) -> list[Sample]:
-    """`size` seeded problems of a reasoning-gym task, with its default configuration.
+def load_reasoning_gym(
+    task: str, *, size: int, seed: int, config: dict[str, Any] | None = None
+) -> list[Sample]:
+    """`size` seeded problems of a reasoning-gym task, configured by `config` (the task's own
+    keyword arguments, e.g. chain_sum's max_terms; None: its defaults).
 
     The same (task, size, seed) always gives the same samples. Each sample's metadata holds
     what `ReasoningGymEnvironment` needs to rebuild the entry and score with reasoning-gym's own
     `score_answer`: {"reasoning_gym_task", "reasoning_gym_size", "reasoning_gym_seed",
-    "entry_index"}. The entry itself is not stored: its metadata holds tuples and other
+    "reasoning_gym_config", "entry_index"}. The entry itself is not stored: its metadata holds tuples and other
     non-JSON values that some scorers compare, and a JSON round trip would change them.
 
     Raises:
@@ -174,7 +177,8 @@ def load_reasoning_gym(task: str, *, size: int, seed: int) -> list[Sample]:
     """
     if size < 1:
         raise DataError(f"reasoning_gym {task!r}: size must be >= 1, got {size}")
-    dataset = reasoning_gym_dataset(task, size=size, seed=seed)
+    config = dict(config or {})
+    dataset = reasoning_gym_dataset(task, size=size, seed=seed, config=config)
     samples = []
     for index in range(size):
         entry = dataset[index]
@@ -187,6 +191,7 @@ def load_reasoning_gym(task: str, *, size: int, seed: int) -> list[Sample]:
                     "reasoning_gym_task": task,
                     "reasoning_gym_size": size,
                     "reasoning_gym_seed": seed,
+                    "reasoning_gym_config": config,
                     "entry_index": index,
                 },
                 origin=f"reasoning_gym:{task}:{index}",
@@ -195,8 +200,11 @@ def load_reasoning_gym(task: str, *, size: int, seed: int) -> list[Sample]:
     return samples
 
 
-def reasoning_gym_dataset(task: str, *, size: int, seed: int) -> Any:
-    """reasoning_gym.create_dataset(task, size=size, seed=seed), with a did-you-mean on typos."""
+def reasoning_gym_dataset(
+    task: str, *, size: int, seed: int, config: dict[str, Any] | None = None
+) -> Any:
+    """reasoning_gym.create_dataset(task, size=size, seed=seed, **config), with a did-you-mean
+    on typos."""
     import reasoning_gym  # deferred: importing reasoning_gym takes about a second
     from reasoning_gym.factory import DATASETS
 
@@ -207,8 +215,8 @@ def reasoning_gym_dataset(task: str, *, size: int, seed: int) -> Any:
             f"unknown reasoning_gym task {task!r}{suggestion} ({len(DATASETS)} tasks registered)"
         )
     try:
-        return reasoning_gym.create_dataset(task, size=size, seed=seed)
+        return reasoning_gym.create_dataset(task, size=size, seed=seed, **(config or {}))
     except Exception as error:
         raise DataError(
-            f"reasoning_gym could not create {task!r} (size={size}, seed={seed}): {error}"
+            f"reasoning_gym could not create {task!r} (size={size}, seed={seed}, config={config}): {error}"
         ) from error

@@ -22,6 +22,8 @@ such as "1693" gets 0.0. Task-specific scorers have their own rules.
 
 from __future__ import annotations
 
+import json
+
 from typing import Any, Literal
 
 from posttrain.environments.base import ScoringStats, score_each
@@ -75,12 +77,13 @@ class ReasoningGymEnvironment:
         task = metadata["reasoning_gym_task"]
         size = metadata["reasoning_gym_size"]
         seed = metadata["reasoning_gym_seed"]
+        config = metadata["reasoning_gym_config"]
         index = metadata["entry_index"]
-        dataset_key = (task, size, seed)
+        dataset_key = (task, size, seed, json.dumps(config, sort_keys=True))
         if dataset_key not in self._datasets:
-            self._datasets[dataset_key] = reasoning_gym_dataset(task, size=size, seed=seed)
+            self._datasets[dataset_key] = reasoning_gym_dataset(task, size=size, seed=seed, config=config)
         dataset = self._datasets[dataset_key]
-        entry_key = (task, size, seed, index)
+        entry_key = (*dataset_key, index)
         if entry_key not in self._entries:
             self._entries[entry_key] = dataset[index]
         return dataset, self._entries[entry_key]
