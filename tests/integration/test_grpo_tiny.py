@@ -94,3 +94,24 @@ def test_kl_penalty_to_the_policy_as_rl_starts(tmp_path):
     assert records[0]["train/kl_penalty"] == pytest.approx(0.0, abs=1e-9)  # step 1: policy == reference
     assert records[-1]["train/kl_penalty"] > 0.0  # after two updates the policy has moved
     assert (tmp_path / "reference_policy.safetensors").is_file()
+
+
+def test_train_from_a_local_jsonl_file(tmp_path):
+    rows = [{"prompt": f"Compute max({a}, {b}).", "answer": str(max(a, b)), "source": "hand"} for a, b in [(3, 9), (41, 14), (7, 70), (55, 5)]]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = quickstart_config(
+        tmp_path / "run",
+        f"data.train={{type: file, path: {data}}}",
+        f"data.validation={{type: file, path: {data}}}",
+        "warm_start.num_steps=5",
+        "grpo.use_dynamic_sampling=false",
+        "grpo.num_prompts_per_step=4",
+        "policy.train_global_batch_size=32",
+        "policy.train_micro_batch_size=8",
+        "grpo.max_num_steps=1",
+    )
+    result = run_grpo(cfg, console=Console(enabled=False))
+    step = read_metrics(result.log_dir)[-1]
+    assert step["step"] == 1 and step["train/num_generated_samples"] == 32.0
+    assert step["env/scored"] == 32.0 and step["env/verifier_errors"] == 0.0

@@ -23,7 +23,6 @@ such as "1693" gets 0.0. Task-specific scorers have their own rules.
 from __future__ import annotations
 
 import json
-
 from typing import Any, Literal
 
 from posttrain.environments.base import ScoringStats, score_each

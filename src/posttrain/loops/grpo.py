@@ -31,7 +31,6 @@ from posttrain.training.trainer import PolicyTrainer, TrainBatch
 @dataclass
 class RunResult:
     log_dir: Path
-    steps_done: int
     validation_accuracy: dict[int, float]
 
 
@@ -201,4 +200,4 @@ def run_grpo(cfg: RecipeConfig, *, console: Console) -> RunResult:
             )
     console.stop_progress()
     logger.close()
-    return RunResult(log_dir=parts.log_dir, steps_done=grpo.max_num_steps, validation_accuracy=validation_accuracy)
+    return RunResult(log_dir=parts.log_dir, validation_accuracy=validation_accuracy)

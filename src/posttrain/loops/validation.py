@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
-
-from typing import TYPE_CHECKING
 
 from posttrain.config.schema import RecipeConfig
 from posttrain.environments import scoring_metadata

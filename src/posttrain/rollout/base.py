@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
@@ -37,7 +37,6 @@ class Rollout:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: FinishReason
-    extra: dict = field(default_factory=dict)
 
 
 class RolloutEngine(Protocol):
