@@ -32,7 +32,7 @@ def mismatch_on_cuda(checkpoint: str, generator_dtype: torch.dtype, trainer_auto
     ]
     engine = TorchRolloutEngine(model, pad_token_id=tokenizer.pad_token_id, dtype=generator_dtype)
     rollouts = engine.generate(prompts, SamplingParams(max_new_tokens=16, stop_token_ids=stop_token_ids(model), seed=0))
-    packed = {k: v.cuda() for k, v in pack_rollouts(rollouts, width=64).items()}
+    packed = {k: v.cuda() for k, v in pack_rollouts(rollouts, width=64, pad_token_id=tokenizer.pad_token_id).items()}
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=trainer_autocast):
         old = token_logprobs(model, packed["input_ids"], packed["attention_mask"])
     mask = packed["response_mask"].float()

@@ -157,3 +157,15 @@ def test_no_shuffle_keeps_file_order_and_wraps():
 def test_empty_prompts_are_an_error():
     with pytest.raises(DataError, match="no prompts"):
         PromptIterator([], seed=0, shuffle=True)
+
+
+def test_right_padded_rows_hand_values():
+    from posttrain.data.batching import right_padded_rows
+
+    rows = right_padded_rows([[2, 7], [2]], [[5, 1], [6, 6, 1]], pad_token_id=0, width=5)
+    assert rows["input_ids"].tolist() == [[2, 7, 5, 1, 0], [2, 6, 6, 1, 0]]
+    assert rows["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 0]]
+    assert rows["response_mask"].tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 1, 0]]
+    assert right_padded_rows([[2, 7]], [[5]], pad_token_id=9)["input_ids"].tolist() == [[2, 7, 5]]
+    with pytest.raises(ValueError, match="width 3"):
+        right_padded_rows([[2, 7]], [[5, 1]], pad_token_id=0, width=3)

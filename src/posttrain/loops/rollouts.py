@@ -14,30 +14,22 @@ from transformers import PreTrainedTokenizerBase
 
 from posttrain.algorithms.reward_shaping import overlong_reward_penalty, scale_rewards
 from posttrain.config.schema import GRPOConfig
+from posttrain.data.batching import right_padded_rows
 from posttrain.data.prompts import Prompt
 from posttrain.environments import Environment, scoring_metadata
 from posttrain.rollout.base import Rollout, RolloutEngine, SamplingParams
 
 
-def pack_rollouts(rollouts: list[Rollout], width: int) -> dict[str, torch.Tensor]:
-    """Right-padded rows of prompt + response, with a mask on the response tokens."""
-    count = len(rollouts)
-    input_ids = torch.zeros((count, width), dtype=torch.long)
-    attention_mask = torch.zeros((count, width), dtype=torch.long)
-    response_mask = torch.zeros((count, width), dtype=torch.long)
-    gen_logprobs = torch.zeros((count, width), dtype=torch.float32)
+def pack_rollouts(rollouts: list[Rollout], width: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded rows of prompt + response (see `right_padded_rows`) plus the generator's logprobs."""
+    packed = right_padded_rows(
+        [r.prompt_token_ids for r in rollouts], [r.token_ids for r in rollouts], pad_token_id=pad_token_id, width=width
+    )
+    gen_logprobs = torch.zeros((len(rollouts), width), dtype=torch.float32)
     for row, rollout in enumerate(rollouts):
-        prompt_len, total = len(rollout.prompt_token_ids), len(rollout.prompt_token_ids) + len(rollout.token_ids)
-        input_ids[row, :total] = torch.tensor(rollout.prompt_token_ids + rollout.token_ids)
-        attention_mask[row, :total] = 1
-        response_mask[row, prompt_len:total] = 1
-        gen_logprobs[row, prompt_len:total] = torch.tensor(rollout.logprobs)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "response_mask": response_mask,
-        "gen_logprobs": gen_logprobs,
-    }
+        start = len(rollout.prompt_token_ids)
+        gen_logprobs[row, start : start + len(rollout.logprobs)] = torch.tensor(rollout.logprobs)
+    return {**packed, "gen_logprobs": gen_logprobs}
 
 
 def generate_and_score(
@@ -84,7 +76,7 @@ def generate_and_score(
     def grouped(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(len(prompts), num_generations, *t.shape[1:])
 
-    packed = pack_rollouts(rollouts, width)
+    packed = pack_rollouts(rollouts, width, tokenizer.pad_token_id)
     groups = {key: grouped(value) for key, value in packed.items()}
     groups.update(
         rewards=grouped(rewards_N),

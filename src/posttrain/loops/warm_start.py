@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.config.schema import WarmStartConfig
+from posttrain.data.batching import right_padded_rows
 from posttrain.data.prompts import Prompt
 from posttrain.models.logprobs import token_logprobs
 
@@ -22,20 +23,9 @@ def supervised_rows(
     prompts: list[Prompt], answers: list[str], tokenizer: PreTrainedTokenizerBase, end_of_turn_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded prompt + answer + end-of-turn rows, and the mask of supervised tokens."""
-    rows = []
-    for prompt, answer in zip(prompts, answers, strict=True):
-        answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [end_of_turn_id]
-        rows.append((prompt.token_ids, answer_ids))
-    width = max(len(p) + len(a) for p, a in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    target_mask = torch.zeros((len(rows), width), dtype=torch.float32)
-    for row, (prompt_ids, answer_ids) in enumerate(rows):
-        total = len(prompt_ids) + len(answer_ids)
-        input_ids[row, :total] = torch.tensor(prompt_ids + answer_ids)
-        attention_mask[row, :total] = 1
-        target_mask[row, len(prompt_ids) : total] = 1
-    return input_ids, attention_mask, target_mask
+    answer_ids = [tokenizer.encode(answer, add_special_tokens=False) + [end_of_turn_id] for answer in answers]
+    rows = right_padded_rows([p.token_ids for p in prompts], answer_ids, pad_token_id=tokenizer.pad_token_id)
+    return rows["input_ids"], rows["attention_mask"], rows["response_mask"].float()
 
 
 def warm_start(
