@@ -219,3 +219,13 @@ def test_tripwire_cache_is_the_fourth_forward_argument():
 
     fourth = list(inspect.signature(Gemma4ForCausalLM.forward).parameters)[4]  # after self
     assert fourth in ("past_key_values", "cache"), fourth
+
+
+def test_unseeded_generation_leaves_the_global_rng_alone(tiny_checkpoint):
+    model = load_policy(tiny_checkpoint)
+    engine = TorchRolloutEngine(model, pad_token_id=0, dtype=torch.float32)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    engine.generate([[2, 4, 40]], SamplingParams(max_new_tokens=2))
+    assert torch.equal(torch.rand(3), expected)

@@ -51,7 +51,10 @@ class TorchRolloutEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
         generator = torch.Generator(device=self._device)
-        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        if params.seed is not None:
+            generator.manual_seed(params.seed)
+        else:
+            generator.seed()  # non-deterministic, and leaves torch's global RNG alone
         rollouts: list[Rollout] = []
         for start in range(0, len(prompts), self.max_batch_size):
             rollouts += self._generate_batch(prompts[start : start + self.max_batch_size], params, generator)
