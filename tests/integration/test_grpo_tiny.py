@@ -115,3 +115,12 @@ def test_train_from_a_local_jsonl_file(tmp_path):
     step = read_metrics(result.log_dir)[-1]
     assert step["step"] == 1 and step["train/num_generated_samples"] == 32.0
     assert step["env/scored"] == 32.0 and step["env/verifier_errors"] == 0.0
+
+
+def test_cli_reports_a_bad_data_row_without_a_traceback(tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "Compute max(1, 2).", "answer": "2"}\n{"prompt": null, "answer": "3"}\n')
+    code = main(["train", str(QUICKSTART_RECIPE), f"logger.log_dir={tmp_path / 'run'}", f"data.train={{type: file, path: {data}}}"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "DataError" in err and "train.jsonl" in err and "row 1" in err and "Traceback" not in err

@@ -19,7 +19,7 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="posttrain", description="RL post-training (GRPO, DAPO) for Gemma 4 and friends.")
     commands = root.add_subparsers(dest="command", required=True)
 
-    quick = commands.add_parser("quickstart", help="Tiny Gemma 4, warm start, then DAPO on arithmetic: CPU, no downloads.")
+    quick = commands.add_parser("quickstart", help="Tiny Gemma 4, warm start, then DAPO on max(a, b) problems: CPU, no downloads.")
     quick.add_argument("--out", help="Run directory (default: ./runs/quickstart-<time>).")
     quick.add_argument("overrides", nargs="*", help="Dotted overrides, e.g. grpo.max_num_steps=10.")
 
@@ -43,9 +43,21 @@ def run(cfg: RecipeConfig) -> int:
 
     transformers_logging.disable_progress_bar()  # posttrain shows its own progress
 
+    from posttrain.algorithms.dynamic_sampling import DynamicSamplingExhausted
+    from posttrain.data.sources import DataError
+    from posttrain.models.loading import CheckpointMismatchError
+    from posttrain.training.trainer import MasterWeightsError
+
     console = Console(enabled=cfg.logger.progress)
     start = time.perf_counter()
-    result = run_grpo(cfg, console=console)
+    try:
+        result = run_grpo(cfg, console=console)
+    except (DataError, CheckpointMismatchError, MasterWeightsError, DynamicSamplingExhausted) as error:
+        # Problems with the user's data, checkpoint or settings: the message says what to do, a
+        # traceback would only bury it. Checkpoints written so far stay usable for a resume.
+        console.stop_progress()
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
     elapsed = time.perf_counter() - start
     accuracy = result.validation_accuracy
     if accuracy:
