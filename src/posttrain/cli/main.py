@@ -38,16 +38,14 @@ def run(cfg: RecipeConfig) -> int:
     # Imported here so that `posttrain validate` stays fast and torch-free.
     from transformers.utils import logging as transformers_logging
 
-    from posttrain.loops.grpo import run_grpo
-    from posttrain.metrics.console import Console
-
-    transformers_logging.disable_progress_bar()  # posttrain shows its own progress
-
     from posttrain.algorithms.dynamic_sampling import DynamicSamplingExhausted
     from posttrain.data.sources import DataError
+    from posttrain.loops.grpo import run_grpo
+    from posttrain.metrics.console import Console
     from posttrain.models.loading import CheckpointMismatchError
     from posttrain.training.trainer import MasterWeightsError
 
+    transformers_logging.disable_progress_bar()  # posttrain shows its own progress
     console = Console(enabled=cfg.logger.progress)
     start = time.perf_counter()
     try:

@@ -153,21 +153,15 @@ class EnvConfig(Section):
     @model_validator(mode="after")
     def options_fit_environment(self) -> EnvConfig:
         """Unknown names and options fail at load time, not when the first batch is scored."""
-        import difflib
         import inspect
 
-        from posttrain.environments import BUILTIN_ENVIRONMENTS
+        from posttrain.environments import builtin_environment
 
         if self.name == "custom":
             if "import_path" not in self.options:
                 raise ValueError("env.name 'custom' needs env.options.import_path: 'package.module:ClassName'")
             return self
-        if self.name not in BUILTIN_ENVIRONMENTS:
-            choices = [*BUILTIN_ENVIRONMENTS, "custom"]
-            close = difflib.get_close_matches(self.name, choices, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ValueError(f"unknown environment {self.name!r}; {hint}choose one of {choices}")
-        signature = inspect.signature(BUILTIN_ENVIRONMENTS[self.name])
+        signature = inspect.signature(builtin_environment(self.name))
         try:
             signature.bind(**self.options)
         except TypeError as error:

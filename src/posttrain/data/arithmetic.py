@@ -1,7 +1,8 @@
 """A procedurally generated arithmetic task with verifiable answers (offline, seeded).
 
-Each prompt asks for the value of a short sum or difference of small integers, e.g.
-"Compute 37+48-5." with ground truth "80". The answer is scored by the math environment
+Each prompt asks for the value of a short sum or difference of small integers ("Compute
+37+48-5." with ground truth "80") or for the largest of them ("Compute max(37, 81)." with
+ground truth "81"). The answer is scored by the math environment
 (math-verify), so the task exercises the same scoring path as real math data.
 """
 
@@ -60,9 +61,10 @@ def arithmetic_samples(
     rng = random.Random(f"{split}:{seed}")
     samples = []
     for index in range(count):
-        expression, value = arithmetic_problem(rng, num_terms=num_terms, max_value=max_value, operation=operation)
-        while split_of(expression) != split:
+        while True:  # draw until the expression belongs to this split
             expression, value = arithmetic_problem(rng, num_terms=num_terms, max_value=max_value, operation=operation)
+            if split_of(expression) == split:
+                break
         samples.append(
             Sample(
                 prompt=f"Compute {expression}.",

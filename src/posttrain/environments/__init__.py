@@ -27,6 +27,7 @@ __all__ = [
     "ReasoningGymEnvironment",
     "ScoringStats",
     "build",
+    "builtin_environment",
     "score_each",
     "scoring_metadata",
 ]
@@ -48,12 +49,17 @@ def build(name: str, **options: Any) -> Environment:
                 f"{import_path} must define score(prompts, responses, metadata) and pop_metrics()"
             )
         return environment
+    return builtin_environment(name)(**options)
+
+
+def builtin_environment(name: str) -> type:
+    """The built-in environment class called `name`; an unknown name gets a did-you-mean."""
     if name not in BUILTIN_ENVIRONMENTS:
         choices = [*BUILTIN_ENVIRONMENTS, "custom"]
         close = difflib.get_close_matches(name, choices, n=1)
         suggestion = f"did you mean {close[0]!r}? " if close else ""
         raise ValueError(f"unknown environment {name!r}; {suggestion}choose one of {choices}")
-    return BUILTIN_ENVIRONMENTS[name](**options)
+    return BUILTIN_ENVIRONMENTS[name]
 
 
 def _import_class(import_path: str) -> type:

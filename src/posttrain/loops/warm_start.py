@@ -44,11 +44,11 @@ def warm_start(
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     model.train()
     losses = []
+    device = next(model.parameters()).device
     for step in range(cfg.num_steps):
         batch = rng.sample(prompts, min(cfg.batch_size, len(prompts)))
         # An imperfect teacher: some answers are another prompt's answer (usually wrong).
         answers = [answer_of(rng.choice(prompts) if rng.random() < cfg.label_noise else p) for p in batch]
-        device = next(model.parameters()).device
         input_ids, attention_mask, target_mask = (
             t.to(device) for t in supervised_rows(batch, answers, tokenizer, end_of_turn_id)
         )
