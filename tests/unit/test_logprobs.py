@@ -54,10 +54,9 @@ def test_token_logprobs_match_hand_softcap_and_temperature(model):
 
     assert raw_BTV.abs().max() > 2 * CAP  # precondition: the cap changes these logits a lot
     assert got_BT.dtype == torch.float32
-    assert got_BT.shape == (2, 8)
-    assert torch.all(got_BT[:, 0] == 0.0)
-    torch.testing.assert_close(got_BT[0, 1:], expected_BT[0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(got_BT[1, 1:5], expected_BT[1, :4], rtol=0, atol=1e-5)
+    assert got_BT.shape == (2, 7)  # [B, T-1]: token t+1 given tokens 0..t
+    torch.testing.assert_close(got_BT[0], expected_BT[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_BT[1, :4], expected_BT[1, :4], rtol=0, atol=1e-5)
 
 
 @torch.no_grad()
@@ -68,7 +67,7 @@ def test_softcap_and_temperature_both_matter(model):
     got_BT = token_logprobs(model, input_ids_BT, mask_BT, temperature=TEMPERATURE)
     raw_BTV = model.lm_head(model.model(input_ids=input_ids_BT, use_cache=False).last_hidden_state)
     uncapped_BT = torch.log_softmax(raw_BTV[:, :-1] / TEMPERATURE, -1).gather(-1, input_ids_BT[:, 1:, None])[..., 0]
-    assert (got_BT[:, 1:] - uncapped_BT).abs().max() > 1e-2
+    assert (got_BT - uncapped_BT).abs().max() > 1e-2
     at_t1_BT = token_logprobs(model, input_ids_BT, mask_BT, temperature=1.0)
     assert (got_BT - at_t1_BT).abs().max() > 1e-2
 
@@ -87,9 +86,9 @@ def test_left_and_right_padding_agree_on_real_tokens(model):
     for row, seq in enumerate(seqs):
         n, pad = len(seq), width - len(seq)
         alone_T = token_logprobs(model, torch.tensor([seq]), torch.ones(1, n, dtype=torch.long), temperature=TEMPERATURE)[0]
-        # token 0 has no logprob; compare tokens 1..n-1
-        torch.testing.assert_close(right_BT[row, 1:n], alone_T[1:], rtol=0, atol=1e-5)
-        torch.testing.assert_close(left_BT[row, pad + 1 :], alone_T[1:], rtol=0, atol=1e-5)
+        # column t scores token t+1: compare tokens 1..n-1
+        torch.testing.assert_close(right_BT[row, : n - 1], alone_T, rtol=0, atol=1e-5)
+        torch.testing.assert_close(left_BT[row, pad:], alone_T, rtol=0, atol=1e-5)
 
 
 def test_position_ids_from_mask_hand_values():

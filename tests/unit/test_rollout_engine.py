@@ -11,7 +11,7 @@ import torch
 from posttrain.models.loading import load_policy
 from posttrain.models.logprobs import token_logprobs
 from posttrain.rollout.base import SamplingParams
-from posttrain.rollout.torch_engine import TorchRolloutEngine, truncate_logits
+from posttrain.rollout.torch_engine import TorchRolloutEngine, cache_keyword, truncate_logits
 
 pytestmark = pytest.mark.unit
 
@@ -98,7 +98,7 @@ def _recomputed_logprobs(model, prompt: list[int], response: list[int], temperat
     ids = prompt + response
     with torch.no_grad():
         lp_T = token_logprobs(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), temperature=temperature)
-    return lp_T[0, len(prompt) :]
+    return lp_T[0, len(prompt) - 1 :]
 
 
 def _assert_logprobs_match(model, rollouts, temperature=TEMPERATURE):
@@ -210,15 +210,14 @@ def test_bf16_engine_keeps_its_own_copy(policy):
     assert all(math.isfinite(x) and x <= 0 for r in rollouts for x in r.logprobs)
 
 
-def test_tripwire_cache_is_the_fourth_forward_argument():
-    """The engine passes the KV cache positionally (its keyword was renamed between transformers
-    versions); this fails if a transformers release moves it."""
+def test_cache_keyword_is_the_forward_s_own(policy):
+    """transformers 5.24 renamed the forward's `past_key_values` to `cache` (deprecated until 5.40);
+    the engine passes the one the installed forward declares."""
     import inspect
 
-    from transformers import Gemma4ForCausalLM
-
-    fourth = list(inspect.signature(Gemma4ForCausalLM.forward).parameters)[4]  # after self
-    assert fourth in ("past_key_values", "cache"), fourth
+    keyword = cache_keyword(policy)
+    assert keyword in inspect.signature(policy.forward).parameters
+    assert keyword in ("cache", "past_key_values")
 
 
 def test_unseeded_generation_leaves_the_global_rng_alone(tiny_checkpoint):

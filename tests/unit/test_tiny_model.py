@@ -127,7 +127,7 @@ def test_missing_weight_raises_naming_the_key(tiny_checkpoint, tmp_path):
     tensors = load_file(path / "model.safetensors")
     del tensors[missing]
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CheckpointMismatchError, match=r"missing_keys: \['model\.layers\.1\.self_attn\.q_proj\.weight'\]"):
+    with pytest.raises(CheckpointMismatchError, match=r"1 missing keys: model\.layers\.1\.self_attn\.q_proj\.weight"):
         load_policy(path)
 
 

@@ -11,11 +11,11 @@ import torch
 from posttrain.config.loss import LossConfig
 from posttrain.config.schema import OptimizerConfig, PolicyConfig, SchedulerConfig
 from posttrain.models.loading import load_policy
-from posttrain.models.logprobs import token_logprobs
 from posttrain.training.trainer import (
     MasterWeightsError,
     PolicyTrainer,
     TrainBatch,
+    aligned_token_logprobs,
     assert_fp32_master_weights,
     lr_multiplier,
 )
@@ -187,7 +187,7 @@ def test_sequence_level_loss_hand_value(model):
 
 def _own_logprobs(model, batch: TrainBatch) -> torch.Tensor:
     with torch.no_grad():
-        lp_BT = token_logprobs(model, batch.input_ids_BT, batch.attention_mask_BT, temperature=TEMPERATURE)
+        lp_BT = aligned_token_logprobs(model, batch, TEMPERATURE)
     return lp_BT * batch.loss_mask_BT
 
 

@@ -52,8 +52,8 @@ def warm_start(
         input_ids, attention_mask, target_mask = (
             t.to(device) for t in supervised_rows(batch, answers, tokenizer, end_of_turn_id)
         )
-        logprobs = token_logprobs(model, input_ids, attention_mask)
-        loss = -(logprobs * target_mask).sum() / target_mask.sum()
+        logprobs_BT1 = token_logprobs(model, input_ids, attention_mask)
+        loss = -(logprobs_BT1 * target_mask[:, 1:]).sum() / target_mask.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

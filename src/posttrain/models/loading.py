@@ -1,35 +1,92 @@
 """Loading a local Hugging Face checkpoint directory as a trainable policy.
 
-Weights load from safetensors only (transformers refuses pickle files when `use_safetensors`
-is set). A checkpoint whose weights do not match the model exactly (missing or unexpected keys)
-is an error listing the keys, never a silently random-initialized model.
+Weights load from safetensors only (single file or sharded with an index). The model class and
+the checkpoint-key rules come from the model's family (`posttrain.models.registry`). After the
+rules, any missing, unexpected or shape-mismatched weight is a `CheckpointMismatchError` listing
+the keys, never a silently random-initialized model; the only keys a load may leave out are the
+ones its family drops on purpose (the vision/audio towers of a text-only load) and those
+transformers itself marks as unused (e.g. Gemma 4's KV-shared layers' k/v projections).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+import transformers
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin
+
+from posttrain.models.family import is_dropped_key
+from posttrain.models.registry import family_for
+
+SINGLE_FILE = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"
 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint's weights do not cover the model exactly."""
 
 
-def load_policy(path: str | Path) -> torch.nn.Module:
-    """Load a causal LM with fp32 master weights (whatever dtype the checkpoint stores)."""
-    path = Path(path)
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers prints its own load report; posttrain raises with the keys instead."""
+    previous = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(previous)
+        transformers.logging.enable_progress_bar()
+
+
+def _check_checkpoint_dir(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
+    if not (path / SINGLE_FILE).is_file() and not (path / SHARD_INDEX).is_file():
+        found = sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".safetensors"})
+        raise FileNotFoundError(
+            f"{path}: no {SINGLE_FILE} or {SHARD_INDEX} (found {found or 'no weight files'}); posttrain loads "
+            "safetensors only, never pickle files: convert with transformers' save_pretrained(safe_serialization=True)"
+        )
+
+
+def load_policy(path: str | Path, *, text_only: bool = False, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load a causal LM (or, for a multimodal checkpoint, its multimodal model) with `dtype` weights.
+
+    `dtype` defaults to fp32: the trainer's master weights, whatever dtype the checkpoint stores.
+    `text_only=True` loads only the language model of a multimodal checkpoint: its real weights,
+    renamed by the family's key rules; the towers' weights are dropped.
+    """
+    path = Path(path)
+    _check_checkpoint_dir(path)
     config = AutoConfig.from_pretrained(path)
-    model, info = AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=torch.float32, use_safetensors=True, output_loading_info=True
-    )
-    problems = {kind: keys for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if (keys := info.get(kind))}
+    family = family_for(config)
+    model_class, model_config = family.model_class_and_config(config, text_only=text_only)
+    loads_text_only = family.is_multimodal(config) and text_only
+    rules = family.text_only_key_rules if loads_text_only else ()
+    with _quiet_transformers():
+        model, info = model_class.from_pretrained(
+            path,
+            config=model_config,
+            dtype=dtype,
+            use_safetensors=True,
+            output_loading_info=True,
+            key_mapping={rule.pattern: rule.replacement for rule in rules} or None,
+        )
+    dropped = family.text_only_dropped_keys if loads_text_only else ()
+    problems = {
+        "missing": sorted(map(str, info.get("missing_keys") or [])),
+        "unexpected": sorted(str(k) for k in info.get("unexpected_keys") or [] if not is_dropped_key(str(k), dropped)),
+        "shape-mismatched": sorted(str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys") or []),
+    }
+    problems = {kind: keys for kind, keys in problems.items() if keys}
     if problems:
-        listed = "; ".join(f"{kind}: {sorted(map(str, keys))[:10]}" for kind, keys in problems.items())
-        raise CheckpointMismatchError(f"{path}: the checkpoint does not match {type(model).__name__}: {listed}")
+        listed = "; ".join(f"{len(keys)} {kind} keys: {', '.join(keys[:12])}" for kind, keys in problems.items())
+        raise CheckpointMismatchError(
+            f"{path}: the checkpoint does not match {model_class.__name__} (family {family.name}): {listed}"
+        )
     return model
 
 
@@ -42,7 +99,12 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def load_processor(path: str | Path) -> ProcessorMixin:
+    """The multimodal processor saved with a checkpoint (images -> pixel values + placeholder tokens)."""
+    return AutoProcessor.from_pretrained(path)
+
+
 def stop_token_ids(model: torch.nn.Module) -> tuple[int, ...]:
     """The model config's eos ids (Gemma 4 instruction-tuned: <eos> and <turn|>)."""
-    eos = model.config.eos_token_id
+    eos = model.config.get_text_config().eos_token_id
     return tuple(eos if isinstance(eos, list) else [eos])

@@ -1,13 +1,19 @@
-"""Per-token logprobs of a causal LM: the one definition trainer and generator share.
+"""Per-token logprobs of a causal LM: the one definition trainer, reference and generator share.
 
-The order is fixed: lm_head -> final-logit softcap (inside the transformers model for Gemma) ->
-temperature -> log_softmax over the full vocabulary -> gather. The rollout engine reports
-logprobs of exactly this distribution, so `train/token_mult_prob_error` compares like with like.
+The order is fixed: lm_head -> final-logit softcap -> temperature -> log_softmax over the full
+vocabulary -> gather. For families whose head posttrain knows exactly (Gemma 4), the logits are
+computed here from the backbone's hidden states, so the softcap is visible in posttrain's code
+(and tested against transformers' forward); other families use the model's own forward. The
+rollout engine reports logprobs of exactly this distribution, so `train/token_mult_prob_error`
+compares like with like.
 """
 
 from __future__ import annotations
 
 import torch
+
+from posttrain.models.family import final_logit_softcap, softcap_logits
+from posttrain.models.registry import family_for
 
 
 def position_ids_from_mask(attention_mask_BT: torch.Tensor) -> torch.Tensor:
@@ -21,22 +27,55 @@ def logprobs_from_logits(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, tem
     return logprobs_BTV.gather(-1, targets_BT.unsqueeze(-1)).squeeze(-1)
 
 
+def forward_inputs(
+    model: torch.nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, multimodal_inputs: dict
+) -> dict:
+    """Keyword inputs for `model`'s forward: ids, mask, positions, plus its family's multimodal inputs.
+
+    A multimodal model of a family that reads `mm_token_type_ids` gets zeros (all text) when the
+    caller leaves it out. Multimodal inputs for a text-only model, or names the family does not
+    know, are errors: transformers would accept and silently ignore them.
+    """
+    family = family_for(model.config)
+    multimodal = family.is_multimodal(model.config)
+    unknown = sorted(set(multimodal_inputs) - set(family.multimodal_input_names if multimodal else ()))
+    if unknown:
+        kind = f"{type(model).__name__} (family {family.name})"
+        raise TypeError(f"{kind} does not take multimodal inputs {unknown}; it takes {list(family.multimodal_input_names) if multimodal else 'none'}")
+    inputs = {
+        "input_ids": input_ids_BT,
+        "attention_mask": attention_mask_BT,
+        "position_ids": position_ids_from_mask(attention_mask_BT),
+        **multimodal_inputs,
+    }
+    if multimodal and family.needs_mm_token_type_ids and inputs.get("mm_token_type_ids") is None:
+        inputs["mm_token_type_ids"] = torch.zeros_like(input_ids_BT)
+    return inputs
+
+
+def next_token_logits(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """Softcapped logits_BTV for every input position (no temperature)."""
+    family = family_for(model.config)
+    if not family.head_from_hidden_states:
+        return model(**inputs, use_cache=False).logits
+    hidden_BTH = model.base_model(**inputs, use_cache=False).last_hidden_state
+    logits_BTV = model.get_output_embeddings()(hidden_BTH)
+    return softcap_logits(logits_BTV, final_logit_softcap(model.config))
+
+
 def token_logprobs(
     model: torch.nn.Module,
     input_ids_BT: torch.Tensor,
     attention_mask_BT: torch.Tensor,
     *,
     temperature: float = 1.0,
+    **multimodal_inputs,
 ) -> torch.Tensor:
-    """logprobs_BT[b, t] = log p(input_ids[b, t] | input_ids[b, :t]); column 0 is 0.
+    """logprobs_BT1[b, t] = log p(input_ids[b, t + 1] | input_ids[b, : t + 1]), shape [B, T-1].
 
-    Padding positions get meaningless values; callers mask them.
+    Multimodal inputs (e.g. Gemma 4's `pixel_values`, `image_position_ids`, `mm_token_type_ids`)
+    go to the model's forward. Padding positions get meaningless values; callers mask them.
     """
-    logits_BTV = model(
-        input_ids=input_ids_BT,
-        attention_mask=attention_mask_BT,
-        position_ids=position_ids_from_mask(attention_mask_BT),
-        use_cache=False,
-    ).logits
-    shifted_BT = logprobs_from_logits(logits_BTV[:, :-1], input_ids_BT[:, 1:], temperature)
-    return torch.nn.functional.pad(shifted_BT, (1, 0), value=0.0)
+    inputs = forward_inputs(model, input_ids_BT, attention_mask_BT, multimodal_inputs)
+    logits_BTV = next_token_logits(model, inputs)
+    return logprobs_from_logits(logits_BTV[:, :-1], input_ids_BT[:, 1:], temperature)

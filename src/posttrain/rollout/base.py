@@ -26,6 +26,17 @@ class SamplingParams:
     seed: int | None = None
 
 
+@dataclass(frozen=True)
+class MultimodalPrompt:
+    """A prompt's non-text inputs, as its model's processor made them (Gemma 4: pixel_values
+    [N_img, max_patches, 3*p*p] in [0, 1], image_position_ids [N_img, max_patches, 2], and
+    mm_token_type_ids [T_prompt] with 1 on image soft tokens, 0 on text)."""
+
+    mm_token_type_ids: torch.Tensor
+    pixel_values: torch.Tensor | None = None
+    image_position_ids: torch.Tensor | None = None
+
+
 FinishReason = Literal["stop", "length"]
 
 

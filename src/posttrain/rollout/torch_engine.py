@@ -3,19 +3,30 @@
 Correctness first: one batch of left-padded prompts, one decode step per token for the whole
 batch, finished rows keep decoding padding until all rows end. It runs transformers' own model
 forward, so every architecture transformers supports (Gemma 4's mixed head sizes, sliding
-windows, KV sharing) is handled by the reference implementation.
+windows, KV sharing) is handled by the reference implementation. Multimodal prompts (images)
+go through the prefill step; the multimodal placeholder tokens of the model's family are never
+sampled.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterable
 
 import torch
 from transformers import DynamicCache
 
-from posttrain.models.logprobs import position_ids_from_mask
-from posttrain.rollout.base import Rollout, SamplingParams
+from posttrain.models.logprobs import forward_inputs
+from posttrain.models.registry import family_for
+from posttrain.rollout.base import MultimodalPrompt, Rollout, SamplingParams
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The forward's KV-cache keyword: transformers 5.24 renamed `past_key_values` to `cache`
+    (the old name is deprecated until 5.40); the device image runs 5.17."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def truncate_logits(logits_BV: torch.Tensor, top_p: float, top_k: int | None) -> torch.Tensor:
@@ -42,6 +53,8 @@ class TorchRolloutEngine:
         self.model.requires_grad_(False)
         self.pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
+        self.cache_keyword = cache_keyword(self.model)
+        self.never_sampled_ids = family_for(self.model.config).placeholder_token_ids(self.model.config)
 
     @torch.no_grad()
     def refresh_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -49,7 +62,15 @@ class TorchRolloutEngine:
         for name, tensor in named_tensors:
             own[name].copy_(tensor)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        multimodal: list[MultimodalPrompt | None] | None = None,
+    ) -> list[Rollout]:
+        """One response per prompt, in order. `multimodal[i]` holds prompt i's images (None: text only)."""
+        if multimodal is not None and len(multimodal) != len(prompts):
+            raise ValueError(f"{len(multimodal)} multimodal entries for {len(prompts)} prompts")
         generator = torch.Generator(device=self._device)
         if params.seed is not None:
             generator.manual_seed(params.seed)
@@ -57,7 +78,9 @@ class TorchRolloutEngine:
             generator.seed()  # non-deterministic, and leaves torch's global RNG alone
         rollouts: list[Rollout] = []
         for start in range(0, len(prompts), self.max_batch_size):
-            rollouts += self._generate_batch(prompts[start : start + self.max_batch_size], params, generator)
+            stop = start + self.max_batch_size
+            batch_multimodal = multimodal[start:stop] if multimodal is not None else None
+            rollouts += self._generate_batch(prompts[start:stop], params, generator, batch_multimodal)
         return rollouts
 
     @property
@@ -66,7 +89,11 @@ class TorchRolloutEngine:
 
     @torch.no_grad()
     def _generate_batch(
-        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        generator: torch.Generator,
+        multimodal: list[MultimodalPrompt | None] | None,
     ) -> list[Rollout]:
         batch_size, prompt_width = len(prompts), max(len(p) for p in prompts)
         input_ids_BT = torch.full((batch_size, prompt_width), self.pad_token_id, dtype=torch.long)
@@ -76,20 +103,24 @@ class TorchRolloutEngine:
             attention_mask_BT[row, prompt_width - len(prompt) :] = 1
         input_ids_BT, attention_mask_BT = input_ids_BT.to(self._device), attention_mask_BT.to(self._device)
         stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=self._device)
+        never_sampled_ids = torch.tensor(self.never_sampled_ids, dtype=torch.long, device=self._device)
 
         cache = DynamicCache(config=self.model.config)
-        step_input_BT, step_positions_BT = input_ids_BT, position_ids_from_mask(attention_mask_BT)
+        step_inputs = forward_inputs(
+            self.model, input_ids_BT, attention_mask_BT, self._batch_multimodal(multimodal, prompt_width)
+        )
+        step_positions_BT = step_inputs["position_ids"]
         finished_B = torch.zeros(batch_size, dtype=torch.bool, device=self._device)
         stopped_B = torch.zeros(batch_size, dtype=torch.bool, device=self._device)
         tokens, logprobs = [], []
         for step in range(params.max_new_tokens):
-            # The cache goes in 4th position: transformers renamed the keyword from
-            # `past_key_values` (<= 5.23) to `cache` (5.24+); the position is the same in both.
-            logits_BV = self.model(
-                step_input_BT, attention_mask_BT, step_positions_BT, cache, use_cache=True
-            ).logits[:, -1].float() / params.temperature
+            step_inputs[self.cache_keyword] = cache
+            logits_BV = self.model(**step_inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
+            logits_BV = logits_BV.float() / params.temperature
             logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
             sampling_logits_BV = truncate_logits(logits_BV, params.top_p, params.top_k)
+            if len(never_sampled_ids):
+                sampling_logits_BV[:, never_sampled_ids] = float("-inf")
             if step < params.min_new_tokens and len(stop_ids):
                 sampling_logits_BV[:, stop_ids] = float("-inf")
             probs_BV = torch.softmax(sampling_logits_BV, dim=-1)
@@ -104,7 +135,13 @@ class TorchRolloutEngine:
                 break
             attention_mask_BT = torch.cat([attention_mask_BT, (~finished_B | is_stop_B).long().unsqueeze(-1)], dim=-1)
             step_positions_BT = step_positions_BT[:, -1:] + 1
-            step_input_BT = next_B.unsqueeze(-1)
+            # Decode steps are text: no images, and no mm_token_type_ids (Gemma 4 reads them by
+            # position for the bidirectional image mask, which only the prefill needs).
+            step_inputs = {
+                "input_ids": next_B.unsqueeze(-1),
+                "attention_mask": attention_mask_BT,
+                "position_ids": step_positions_BT,
+            }
 
         tokens_BN = torch.stack(tokens, dim=1).cpu()
         logprobs_BN = torch.stack(logprobs, dim=1).cpu()
@@ -112,6 +149,26 @@ class TorchRolloutEngine:
             self._to_rollout(prompt, tokens_BN[row], logprobs_BN[row], bool(stopped_B[row]), params.stop_token_ids)
             for row, prompt in enumerate(prompts)
         ]
+
+    def _batch_multimodal(self, multimodal: list[MultimodalPrompt | None] | None, prompt_width: int) -> dict:
+        """Concatenate the rows' images in row order; left-pad their mm_token_type_ids like the prompts."""
+        rows = [(row, m) for row, m in enumerate(multimodal or []) if m is not None]
+        if not rows:
+            return {}
+        batch: dict[str, torch.Tensor] = {}
+        with_images = [m for _, m in rows if m.pixel_values is not None]
+        if with_images:
+            batch["pixel_values"] = torch.cat([m.pixel_values for m in with_images]).to(self._device, self._dtype)
+            batch["image_position_ids"] = torch.cat([m.image_position_ids for m in with_images]).to(self._device)
+        token_types_BT = torch.zeros((len(multimodal), prompt_width), dtype=torch.long)
+        for row, m in rows:
+            token_types_BT[row, prompt_width - len(m.mm_token_type_ids) :] = m.mm_token_type_ids
+        batch["mm_token_type_ids"] = token_types_BT.to(self._device)
+        return batch
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     @staticmethod
     def _to_rollout(

@@ -57,6 +57,12 @@ class TrainBatch:
         return TrainBatch(*(t.to(device) for t in vars(self).values()))
 
 
+def aligned_token_logprobs(model: torch.nn.Module, batch: TrainBatch, temperature: float) -> torch.Tensor:
+    """`token_logprobs` shifted to align with the batch's tokens: logprobs_BT[:, t] scores token t; column 0 is 0."""
+    logprobs_BT1 = token_logprobs(model, batch.input_ids_BT, batch.attention_mask_BT, temperature=temperature)
+    return torch.nn.functional.pad(logprobs_BT1, (1, 0), value=0.0)
+
+
 def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, decay: str) -> float:
     """Linear warm-up over `warmup_steps`, then constant, linear or cosine decay to 0 at `total_steps`."""
     if step < warmup_steps:
@@ -123,7 +129,7 @@ class PolicyTrainer:
         for start in range(0, len(batch), size):
             rows = batch.rows(start, start + size).to(self.device)
             with self.autocast():
-                chunks.append(token_logprobs(self.model, rows.input_ids_BT, rows.attention_mask_BT, temperature=temperature))
+                chunks.append(aligned_token_logprobs(self.model, rows, temperature))
         return torch.cat(chunks)
 
     def train(self, batch: TrainBatch, temperature: float) -> dict[str, float]:
@@ -159,15 +165,13 @@ class PolicyTrainer:
         for start in range(0, len(batch), micro):
             rows = batch.rows(start, start + micro).to(self.device)
             with self.autocast():
-                logprobs_BT = token_logprobs(self.model, rows.input_ids_BT, rows.attention_mask_BT, temperature=temperature)
+                logprobs_BT = aligned_token_logprobs(self.model, rows, temperature)
             rows_old_BT = logprobs_BT.detach() if old_logprobs_BT is None else old_logprobs_BT[start : start + micro]
             lp_old_pieces.append(rows_old_BT)
             ref_logprobs_BT = None
             if self.reference_model is not None:
                 with torch.no_grad(), self.autocast():
-                    ref_logprobs_BT = token_logprobs(
-                        self.reference_model, rows.input_ids_BT, rows.attention_mask_BT, temperature=temperature
-                    )
+                    ref_logprobs_BT = aligned_token_logprobs(self.reference_model, rows, temperature)
             loss, loss_metrics = clipped_pg_loss(
                 logprobs_BT,
                 rows_old_BT,
