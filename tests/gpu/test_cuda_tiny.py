@@ -34,7 +34,7 @@ def mismatch_on_cuda(checkpoint: str, generator_dtype: torch.dtype, trainer_auto
     rollouts = engine.generate(prompts, SamplingParams(max_new_tokens=16, stop_token_ids=stop_token_ids(model), seed=0))
     packed = {k: v.cuda() for k, v in pack_rollouts(rollouts, width=64, pad_token_id=tokenizer.pad_token_id).items()}
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=trainer_autocast):
-        old = token_logprobs(model, packed["input_ids"], packed["attention_mask"])
+        old = torch.nn.functional.pad(token_logprobs(model, packed["input_ids"], packed["attention_mask"]), (1, 0))
     mask = packed["response_mask"].float()
     return (
         token_mult_prob_error(packed["gen_logprobs"], old, mask),

@@ -10,9 +10,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, ProcessorMixin
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class ModelFamily:
     head_from_hidden_states: bool = False
     # Inputs the multimodal forward accepts beside input_ids / attention_mask / position_ids.
     multimodal_input_names: tuple[str, ...] = ()
+    # (checkpoint dir) -> its multimodal processor; None: transformers' AutoProcessor.
+    load_processor: Callable[[Path], ProcessorMixin] | None = None
 
     def is_multimodal(self, config: PretrainedConfig) -> bool:
         return config.model_type in self.multimodal_model_types

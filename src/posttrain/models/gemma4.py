@@ -13,13 +13,24 @@
   applied by `posttrain.models.logprobs` from the backbone's hidden states.
 - Image/video/audio placeholder tokens are never generated: the multimodal forward would treat a
   sampled one as a slot for an image that does not exist.
+- The processor cannot be built by transformers without torchvision; `gemma4_processor.py` holds
+  the workaround (a separate module so that nothing imports Gemma 4 image processing eagerly).
 """
 
 from __future__ import annotations
 
-from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
+from pathlib import Path
+
+from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration, ProcessorMixin
 
 from posttrain.models.family import KeyRule, ModelFamily
+
+
+def _load_processor(path: Path) -> ProcessorMixin:
+    from posttrain.models.gemma4_processor import load_gemma4_processor  # see gemma4_processor.py
+
+    return load_gemma4_processor(path)
+
 
 GEMMA4 = ModelFamily(
     name="gemma4",
@@ -46,4 +57,5 @@ GEMMA4 = ModelFamily(
         "input_features",
         "input_features_mask",
     ),
+    load_processor=_load_processor,
 )

@@ -101,6 +101,10 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 def load_processor(path: str | Path) -> ProcessorMixin:
     """The multimodal processor saved with a checkpoint (images -> pixel values + placeholder tokens)."""
+    path = Path(path)
+    family = family_for(AutoConfig.from_pretrained(path))
+    if family.load_processor is not None:
+        return family.load_processor(path)
     return AutoProcessor.from_pretrained(path)
 
 
