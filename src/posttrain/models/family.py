@@ -44,8 +44,8 @@ class ModelFamily:
     towers: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # Config attributes holding token ids that stand for multimodal content (never generated).
     placeholder_token_attrs: tuple[str, ...] = ()
-    # The multimodal forward reads mm_token_type_ids (0 text, 1 image, 2 video, 3 audio).
-    needs_mm_token_type_ids: bool = False
+    # (config, input_ids_BT) -> mm_token_type_ids_BT, for families whose multimodal forward reads them.
+    mm_token_type_ids: Callable[[PretrainedConfig, torch.Tensor], torch.Tensor] | None = None
     # Logprobs from the backbone's hidden states through lm_head + softcap (exactly what the
     # transformers head does for this family), instead of the model's own full forward.
     head_from_hidden_states: bool = False

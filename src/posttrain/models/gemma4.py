@@ -8,7 +8,8 @@
   unused projections a released checkpoint may still carry (`_keys_to_ignore_on_load_unexpected`).
 - `mm_token_type_ids` (0 text, 1 image, 2 video, 3 audio) must reach the multimodal forward: for
   configs with bidirectional vision attention (26B-A4B, 31B), omitting it silently switches image
-  tokens to causal attention. posttrain supplies zeros for text-only rows.
+  tokens to causal attention. When a caller leaves it out, posttrain derives it from the
+  placeholder ids in input_ids, as the processor does (zeros for text-only rows).
 - Final-logit softcapping (cap 30): lm_head -> cap * tanh(x / cap) -> temperature -> log_softmax,
   applied by `posttrain.models.logprobs` from the backbone's hidden states.
 - Image/video/audio placeholder tokens are never generated: the multimodal forward would treat a
@@ -21,9 +22,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration, ProcessorMixin
+import torch
+from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration, PretrainedConfig, ProcessorMixin
 
 from posttrain.models.family import KeyRule, ModelFamily
+
+
+def mm_token_type_ids(config: PretrainedConfig, input_ids_BT: torch.Tensor) -> torch.Tensor:
+    """0 text, 1 image, 2 video, 3 audio: where the processor put each modality's soft tokens."""
+    types_BT = torch.zeros_like(input_ids_BT)
+    for type_id, token_id in ((1, config.image_token_id), (2, config.video_token_id), (3, config.audio_token_id)):
+        if token_id is not None:
+            types_BT = types_BT.masked_fill(input_ids_BT == token_id, type_id)
+    return types_BT
 
 
 def _load_processor(path: Path) -> ProcessorMixin:
@@ -45,7 +56,7 @@ GEMMA4 = ModelFamily(
         "language_model": ("model.language_model.", "lm_head."),
     },
     placeholder_token_attrs=("image_token_id", "video_token_id", "audio_token_id"),
-    needs_mm_token_type_ids=True,
+    mm_token_type_ids=mm_token_type_ids,
     head_from_hidden_states=True,
     multimodal_input_names=(
         "pixel_values",

@@ -32,8 +32,9 @@ def forward_inputs(
 ) -> dict:
     """Keyword inputs for `model`'s forward: ids, mask, positions, plus its family's multimodal inputs.
 
-    A multimodal model of a family that reads `mm_token_type_ids` gets zeros (all text) when the
-    caller leaves it out. Multimodal inputs for a text-only model, or names the family does not
+    A multimodal model of a family that reads `mm_token_type_ids` gets them derived from the
+    placeholder ids in `input_ids_BT` (as its processor makes them; zeros for text) when the
+    caller leaves them out. Multimodal inputs for a text-only model, or names the family does not
     know, are errors: transformers would accept and silently ignore them.
     """
     family = family_for(model.config)
@@ -48,8 +49,8 @@ def forward_inputs(
         "position_ids": position_ids_from_mask(attention_mask_BT),
         **multimodal_inputs,
     }
-    if multimodal and family.needs_mm_token_type_ids and inputs.get("mm_token_type_ids") is None:
-        inputs["mm_token_type_ids"] = torch.zeros_like(input_ids_BT)
+    if multimodal and family.mm_token_type_ids is not None and inputs.get("mm_token_type_ids") is None:
+        inputs["mm_token_type_ids"] = family.mm_token_type_ids(model.config, input_ids_BT)
     return inputs
 
 

@@ -28,13 +28,13 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class MultimodalPrompt:
-    """A prompt's non-text inputs, as its model's processor made them (Gemma 4: pixel_values
-    [N_img, max_patches, 3*p*p] in [0, 1], image_position_ids [N_img, max_patches, 2], and
-    mm_token_type_ids [T_prompt] with 1 on image soft tokens, 0 on text)."""
+    """A prompt's images, as its model's processor made them (Gemma 4: pixel_values
+    [N_img, max_patches, 3*p*p] in [0, 1] and image_position_ids [N_img, max_patches, 2]).
+    The prompt's token ids already hold one placeholder token per image soft token; per-token
+    modality ids (Gemma 4's mm_token_type_ids) are derived from them."""
 
-    mm_token_type_ids: torch.Tensor
-    pixel_values: torch.Tensor | None = None
-    image_position_ids: torch.Tensor | None = None
+    pixel_values: torch.Tensor
+    image_position_ids: torch.Tensor
 
 
 FinishReason = Literal["stop", "length"]

@@ -107,7 +107,7 @@ class TorchRolloutEngine:
 
         cache = DynamicCache(config=self.model.config)
         step_inputs = forward_inputs(
-            self.model, input_ids_BT, attention_mask_BT, self._batch_multimodal(multimodal, prompt_width)
+            self.model, input_ids_BT, attention_mask_BT, self._batch_multimodal(multimodal)
         )
         step_positions_BT = step_inputs["position_ids"]
         finished_B = torch.zeros(batch_size, dtype=torch.bool, device=self._device)
@@ -150,21 +150,15 @@ class TorchRolloutEngine:
             for row, prompt in enumerate(prompts)
         ]
 
-    def _batch_multimodal(self, multimodal: list[MultimodalPrompt | None] | None, prompt_width: int) -> dict:
-        """Concatenate the rows' images in row order; left-pad their mm_token_type_ids like the prompts."""
-        rows = [(row, m) for row, m in enumerate(multimodal or []) if m is not None]
-        if not rows:
+    def _batch_multimodal(self, multimodal: list[MultimodalPrompt | None] | None) -> dict:
+        """The rows' images concatenated in row order (the order of their placeholders in the batch)."""
+        images = [m for m in multimodal or [] if m is not None]
+        if not images:
             return {}
-        batch: dict[str, torch.Tensor] = {}
-        with_images = [m for _, m in rows if m.pixel_values is not None]
-        if with_images:
-            batch["pixel_values"] = torch.cat([m.pixel_values for m in with_images]).to(self._device, self._dtype)
-            batch["image_position_ids"] = torch.cat([m.image_position_ids for m in with_images]).to(self._device)
-        token_types_BT = torch.zeros((len(multimodal), prompt_width), dtype=torch.long)
-        for row, m in rows:
-            token_types_BT[row, prompt_width - len(m.mm_token_type_ids) :] = m.mm_token_type_ids
-        batch["mm_token_type_ids"] = token_types_BT.to(self._device)
-        return batch
+        return {
+            "pixel_values": torch.cat([m.pixel_values for m in images]).to(self._device, self._dtype),
+            "image_position_ids": torch.cat([m.image_position_ids for m in images]).to(self._device),
+        }
 
     @property
     def _dtype(self) -> torch.dtype:
