@@ -89,7 +89,7 @@ def test_trainer_state_loads_with_weights_only(tiny_checkpoint, tmp_path):
     _train_steps(model, optimizer, scheduler, 1)
     path = save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, scheduler=scheduler, loop_state=LOOP_STATE, keep_top_k=None)
     state = torch.load(path / "trainer_state.pt", weights_only=True)  # raises if arbitrary objects were pickled
-    assert set(state) == {"optimizer", "scheduler", "rng", "loop"}
+    assert set(state) == {"optimizer", "optimizer_parameter_names", "scheduler", "rng", "loop"}
     assert (path / "model.safetensors").is_file()
 
 

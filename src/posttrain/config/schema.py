@@ -51,9 +51,38 @@ class GenerationConfig(Section):
     max_batch_size: int = Field(256, ge=1, description="Sequences decoded together.")
 
 
+class FreezeConfig(Section):
+    """Parameters kept out of the optimizer (requires_grad=False): the family's towers and module-path patterns."""
+
+    freeze_vision_tower: bool = Field(
+        False, description="Freeze the vision tower and its projection (embed_vision); a no-op on a model without one."
+    )
+    freeze_audio_tower: bool = Field(
+        True, description="Freeze the audio tower and its projection (embed_audio); a no-op on a model without one."
+    )
+    freeze_language_model: bool = Field(
+        False,
+        description=(
+            "Freeze the language model and lm_head, to train only the towers; on a text-only model that is every "
+            "parameter, an error."
+        ),
+    )
+    patterns: list[str] = Field(
+        default_factory=list,
+        description=(
+            "fnmatch patterns matched against parameter names and module paths, e.g. `model.language_model.layers.0.*` "
+            "or `*.embed_tokens`; a pattern that matches nothing is an error. Tied weights freeze under either name."
+        ),
+    )
+
+
 class PolicyConfig(Section):
     model_name: str | None = Field(
         None, description="Local Hugging Face checkpoint directory. Leave null when `tiny_model` builds one."
+    )
+    text_only: bool = Field(
+        False,
+        description="Load only the language model of a multimodal checkpoint (its real weights; towers dropped).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where trainer and generator run; auto: cuda if available.")
     precision: Literal["float32", "bfloat16"] = Field(
@@ -64,6 +93,11 @@ class PolicyConfig(Section):
     logprob_batch_size: int | None = Field(None, ge=1, description="Samples per no-grad logprob pass; null: micro batch size.")
     max_total_sequence_length: int = Field(4096, ge=2, description="Prompt + response tokens; longer prompts are an error.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm (null: no clipping). The pre-clip norm is logged.")
+    activation_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in backward (non-reentrant: exact; less memory, slower).",
+    )
+    freeze_config: FreezeConfig = FreezeConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     generation: GenerationConfig = GenerationConfig()

@@ -15,6 +15,8 @@ from posttrain.data.types import Sample
 from posttrain.environments import Environment, build
 from posttrain.loops.warm_start import warm_start
 from posttrain.metrics.console import Console
+from posttrain.models.activation_checkpointing import enable_activation_checkpointing
+from posttrain.models.freezing import apply_freeze_config
 from posttrain.models.loading import load_policy, load_tokenizer, stop_token_ids
 from posttrain.models.tiny import END_OF_TURN, save_tiny_gemma4, train_tokenizer
 from posttrain.rollout.base import SamplingParams
@@ -98,7 +100,10 @@ def build_run(cfg: RecipeConfig, *, console: Console) -> RunParts:
     else:
         model_dir = prepare_tiny_model(cfg, train_samples, log_dir / "init_model")
     device = cfg.policy.device if cfg.policy.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_policy(model_dir).to(device)
+    model = load_policy(model_dir, text_only=cfg.policy.text_only).to(device)
+    console.note(apply_freeze_config(model, cfg.policy.freeze_config).describe())
+    if cfg.policy.activation_checkpointing:
+        enable_activation_checkpointing(model)
     tokenizer = load_tokenizer(model_dir)
 
     max_new = cfg.policy.generation.max_new_tokens
