@@ -124,3 +124,12 @@ def test_cli_reports_a_bad_data_row_without_a_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1
     assert "DataError" in err and "train.jsonl" in err and "row 1" in err and "Traceback" not in err
+
+
+def test_cli_reports_a_freeze_pattern_that_matches_nothing_without_a_traceback(tmp_path, capsys):
+    code = main(
+        ["train", str(QUICKSTART_RECIPE), f"logger.log_dir={tmp_path / 'run'}", "policy.freeze_config.patterns=[model.layer.0.*]"]
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "FreezeConfigError" in err and "model.layer.0.*" in err and "model.layers.0" in err and "Traceback" not in err

@@ -24,7 +24,7 @@ from posttrain.config.schema import FreezeConfig, OptimizerConfig, PolicyConfig
 from posttrain.loops.setup import build_run
 from posttrain.metrics.console import Console
 from posttrain.models.activation_checkpointing import enable_activation_checkpointing
-from posttrain.models.freezing import apply_freeze_config
+from posttrain.models.freezing import FreezeConfigError, apply_freeze_config
 from posttrain.models.loading import load_policy
 from posttrain.training.trainer import PolicyTrainer, TrainBatch
 
@@ -141,7 +141,7 @@ def test_towers_and_language_model_partition_the_multimodal_model():
     assert _frozen(model) == {name for name in names if name.startswith(LANGUAGE)}
     assert not model.lm_head.weight.requires_grad  # tied to the (frozen) embeddings
     assert summary.frozen_groups == ("language_model",)
-    with pytest.raises(ValueError, match="leaves no trainable parameter.*vision_tower, audio_tower, language_model"):
+    with pytest.raises(FreezeConfigError, match="leaves no trainable parameter.*vision_tower, audio_tower, language_model"):
         apply_freeze_config(
             _multimodal(), FreezeConfig(freeze_vision_tower=True, freeze_audio_tower=True, freeze_language_model=True)
         )
@@ -164,7 +164,7 @@ def test_tower_flags_on_a_text_only_model_are_no_ops(build):
     assert _frozen(model) == set()
     assert (summary.frozen_parameters, summary.trainable_parameters) == (0, total)
     assert [flag.split()[0] for flag in summary.no_op_flags] == ["freeze_vision_tower", "freeze_audio_tower"]
-    with pytest.raises(ValueError, match="leaves no trainable parameter.*language_model"):
+    with pytest.raises(FreezeConfigError, match="leaves no trainable parameter.*language_model"):
         apply_freeze_config(build(), FreezeConfig(freeze_language_model=True))
 
 
@@ -201,7 +201,7 @@ def test_pattern_matches_module_paths_and_tied_names():
 )
 def test_pattern_matching_nothing_names_it_and_suggests_module_paths(pattern, suggestion):
     model = _multimodal() if "language_model" in pattern else _qwen3()
-    with pytest.raises(ValueError, match="matches no parameter") as error:
+    with pytest.raises(FreezeConfigError, match="matches no parameter") as error:
         apply_freeze_config(model, FreezeConfig(freeze_audio_tower=False, patterns=[pattern]))
     assert repr(pattern) in str(error.value) and suggestion in str(error.value)
     assert _frozen(model) == set()  # nothing half-applied
@@ -209,7 +209,7 @@ def test_pattern_matching_nothing_names_it_and_suggests_module_paths(pattern, su
 
 def test_freezing_everything_by_pattern_is_an_error():
     model = _qwen3()
-    with pytest.raises(ValueError, match=r"leaves no trainable parameter in Qwen3ForCausalLM \(frozen: pattern '\*'\)"):
+    with pytest.raises(FreezeConfigError, match=r"leaves no trainable parameter in Qwen3ForCausalLM \(frozen: pattern '\*'\)"):
         apply_freeze_config(model, FreezeConfig(patterns=["*"]))
     assert _frozen(model) == set()
 

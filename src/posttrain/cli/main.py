@@ -42,7 +42,9 @@ def run(cfg: RecipeConfig) -> int:
     from posttrain.data.sources import DataError
     from posttrain.loops.grpo import run_grpo
     from posttrain.metrics.console import Console
-    from posttrain.models.loading import CheckpointMismatchError
+    from posttrain.checkpoint.store import CheckpointOptimizerMismatchError
+    from posttrain.models.freezing import FreezeConfigError
+    from posttrain.models.loading import CheckpointMismatchError, CheckpointNotFoundError
     from posttrain.training.trainer import MasterWeightsError
 
     transformers_logging.disable_progress_bar()  # posttrain shows its own progress
@@ -50,7 +52,15 @@ def run(cfg: RecipeConfig) -> int:
     start = time.perf_counter()
     try:
         result = run_grpo(cfg, console=console)
-    except (DataError, CheckpointMismatchError, MasterWeightsError, DynamicSamplingExhausted) as error:
+    except (
+        DataError,
+        CheckpointMismatchError,
+        CheckpointNotFoundError,
+        CheckpointOptimizerMismatchError,
+        FreezeConfigError,
+        MasterWeightsError,
+        DynamicSamplingExhausted,
+    ) as error:
         # Problems with the user's data, checkpoint or settings: the message says what to do, a
         # traceback would only bury it. Checkpoints written so far stay usable for a resume.
         console.stop_progress()

@@ -30,6 +30,10 @@ TOWER_FLAGS = {
 }
 
 
+class FreezeConfigError(ValueError):
+    """policy.freeze_config does not fit the model (a pattern matching nothing, nothing left to train)."""
+
+
 @dataclass(frozen=True)
 class FrozenSummary:
     frozen_parameters: int  # elements
@@ -66,11 +70,11 @@ def _pattern_names(pattern: str, names: list[str]) -> list[str]:
     return [name for name in names if any(fnmatch.fnmatchcase(path, pattern) for path in _module_paths(name))]
 
 
-def _no_match_error(pattern: str, model: torch.nn.Module, names: list[str]) -> ValueError:
+def _no_match_error(pattern: str, model: torch.nn.Module, names: list[str]) -> FreezeConfigError:
     paths = sorted({path for name in names for path in _module_paths(name)})
     close = difflib.get_close_matches(pattern, paths, n=3, cutoff=0.5)
     hint = f"closest module paths: {', '.join(close)}" if close else f"module paths look like {paths[-1]!r}"
-    return ValueError(
+    return FreezeConfigError(
         f"policy.freeze_config.patterns: {pattern!r} matches no parameter or module path of "
         f"{type(model).__name__}; {hint}"
     )
@@ -101,7 +105,7 @@ def apply_freeze_config(model: torch.nn.Module, cfg: FreezeConfig) -> FrozenSumm
     frozen_ids = {id(param) for name, param in named if name in selected}
     unique = {id(param): param for _, param in named}
     if all(id(param) in frozen_ids or not param.requires_grad for param in unique.values()):
-        raise ValueError(
+        raise FreezeConfigError(
             f"policy.freeze_config leaves no trainable parameter in {type(model).__name__} "
             f"(frozen: {', '.join(frozen_groups) or 'nothing'}); unfreeze something to train"
         )

@@ -28,6 +28,10 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint's weights do not cover the model exactly."""
 
 
+class CheckpointNotFoundError(FileNotFoundError):
+    """The path is not a Hugging Face checkpoint directory with safetensors weights."""
+
+
 @contextlib.contextmanager
 def _quiet_transformers():
     """transformers prints its own load report; posttrain raises with the keys instead."""
@@ -43,10 +47,10 @@ def _quiet_transformers():
 
 def _check_checkpoint_dir(path: Path) -> None:
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
+        raise CheckpointNotFoundError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
     if not (path / SINGLE_FILE).is_file() and not (path / SHARD_INDEX).is_file():
         found = sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".safetensors"})
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"{path}: no {SINGLE_FILE} or {SHARD_INDEX} (found {found or 'no weight files'}); posttrain loads "
             "safetensors only, never pickle files: convert with transformers' save_pretrained(safe_serialization=True)"
         )
