@@ -23,7 +23,7 @@ from posttrain.config.loss import LossConfig
 from posttrain.config.schema import FreezeConfig, OptimizerConfig, PolicyConfig
 from posttrain.loops.setup import build_run
 from posttrain.metrics.console import Console
-from posttrain.models.activation_checkpointing import enable_activation_checkpointing
+from posttrain.models.activation_checkpointing import enable_activation_checkpointing, is_activation_checkpointing
 from posttrain.models.freezing import FreezeConfigError, apply_freeze_config
 from posttrain.models.loading import load_policy
 from posttrain.training.trainer import PolicyTrainer, TrainBatch
@@ -284,7 +284,7 @@ def test_activation_checkpointing_with_frozen_embeddings_gives_the_same_step():
     enable_activation_checkpointing(checkpointed)
     for model in (plain, checkpointed):
         _trainer(model, freeze).train(_batch(), TEMPERATURE)
-    assert checkpointed.is_activation_checkpointing
+    assert is_activation_checkpointing(checkpointed)
     for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
@@ -428,7 +428,7 @@ def test_build_run_loads_freezes_checkpoints_and_reports(tiny_checkpoint, tmp_pa
     )
     parts = build_run(cfg, console=Console())
     assert _frozen(parts.model) == {name for name, _ in parts.model.named_parameters() if name.startswith("model.layers.0.")}
-    assert parts.model.is_activation_checkpointing
+    assert is_activation_checkpointing(parts.model)
     assert not parts.engine.model.training  # the generator's copy never recomputes
     out = capsys.readouterr().out
     assert "trainable" in out and "frozen: pattern 'model.layers.0.*'" in out

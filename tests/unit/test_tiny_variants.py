@@ -8,6 +8,10 @@ import json
 
 import numpy as np
 import pytest
+
+# transformers < 5.21 imports Gemma 4's torchvision image processor from its processor module;
+# torchvision must not be installed beside CPU torch. Newer transformers need only Pillow.
+pytest.importorskip("transformers.models.gemma4.processing_gemma4", reason="Gemma 4 image processing needs torchvision on transformers < 5.21")
 import torch
 from PIL import Image
 from transformers import (
