@@ -21,7 +21,7 @@ from transformers import Gemma4ForCausalLM
 
 from posttrain.algorithms.mismatch import gen_kl_error, token_mult_prob_error
 from posttrain.loops.rollouts import pack_rollouts
-from posttrain.models.gemma4_presets import gemma4_preset_config
+from posttrain.models.gemma4_presets import gemma4_preset_config, temper_random_init_attention
 from posttrain.models.logprobs import token_logprobs
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.torch_engine import TorchRolloutEngine
@@ -36,6 +36,7 @@ def test_e2b_bf16_generator_matches_trainer():
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Gemma4ForCausalLM(config).float()
+    temper_random_init_attention(model)  # untempered random init is chaotic: see its docstring
     gen = torch.Generator().manual_seed(1)
     prompts = [[2] + torch.randint(1000, 200_000, (PROMPT_TOKENS - 1,), generator=gen).tolist() for _ in range(NUM_SEQUENCES)]
     engine = TorchRolloutEngine(model, pad_token_id=0, dtype=torch.bfloat16, max_batch_size=NUM_SEQUENCES)
@@ -54,7 +55,7 @@ def test_e2b_bf16_generator_matches_trainer():
         kl.append(gen_kl_error(packed["gen_logprobs"], old_BT, mask_BT))
         tokens += int(mask_BT.sum())
     result = {
-        "model": "gemma4 e2b preset shape (text, random init)",
+        "model": "gemma4 e2b preset shape (text, random init, attention tempered)",
         "generator": "posttrain TorchRolloutEngine, bf16 weights",
         "trainer": "fp32 masters, bf16 autocast, posttrain.models.token_logprobs",
         "sampled_tokens": tokens,

@@ -7,6 +7,7 @@ to the nearest million. Embedding tables are also checked exactly by hand: vocab
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Gemma4TextConfig
 
 from posttrain.models.gemma4_presets import (
@@ -200,3 +201,18 @@ def test_unknown_name_lists_valid_names_and_suggests():
 
 def test_build_on_meta_allocates_nothing(models):
     assert {p.device.type for p in models["31b"].parameters()} == {"meta"}
+
+
+def test_temper_random_init_attention_sets_every_text_q_norm_to_inverse_sqrt_head_dim():
+    from transformers import Gemma4ForCausalLM
+
+    from posttrain.models.gemma4_presets import temper_random_init_attention
+    from posttrain.models.tiny import tiny_gemma4_config
+
+    model = Gemma4ForCausalLM(tiny_gemma4_config(64, variant="e_series"))  # head dims 16 and 32
+    assert temper_random_init_attention(model) == model.config.num_hidden_layers
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        expected = 0.25 if attention.head_dim == 16 else 32**-0.5
+        assert torch.equal(attention.q_norm.weight, torch.full_like(attention.q_norm.weight, expected))
+    assert {layer.self_attn.head_dim for layer in model.model.layers} == {16, 32}

@@ -27,6 +27,7 @@ from transformers import (
     Gemma4TextConfig,
     Gemma4VisionConfig,
 )
+from transformers.models.gemma4.modeling_gemma4 import Gemma4TextAttention
 
 GEMMA4_PRESET_NAMES = ("e2b", "e4b", "26b-a4b", "31b")
 
@@ -253,3 +254,25 @@ def parameter_counts(model: Gemma4ForConditionalGeneration | Gemma4ForCausalLM) 
         counts[f"{kind}_tower"] = _numel([tower])
         counts[kind] = _numel([tower, embedder])
     return counts
+
+
+@torch.no_grad()
+def temper_random_init_attention(model: torch.nn.Module) -> int:
+    """Scale each text attention layer's q-norm weights to 1/sqrt(head_dim); returns layers changed.
+
+    Gemma 4 attention uses scaling 1.0 and relies on the learned q/k-norm scales. transformers
+    initializes those scales to ones, so a random-init model's attention logits have a standard
+    deviation of sqrt(head_dim) (16 on sliding layers, ~23 on full ones): attention is nearly
+    one-hot, and rounding differences of one ulp flip which token a head attends to. Such a model
+    is chaotic (measured on the E2B shape: fp32 KV-cache decoding vs a full forward differ by
+    token_mult_prob_error 1.007, bf16 by 1.5-2.3), which says nothing about a trained model.
+    Benchmarks that measure numerics on random-init presets call this first: it gives the usual
+    1/sqrt(d) attention temperature and leaves every shape, and hence every timing, unchanged.
+    """
+    changed = 0
+    for module in model.modules():
+        q_norm = getattr(module, "q_norm", None)
+        if isinstance(module, Gemma4TextAttention) and q_norm is not None:
+            q_norm.weight.fill_(module.head_dim**-0.5)
+            changed += 1
+    return changed
