@@ -5,15 +5,17 @@ the same tokens are then scored teacher-forced in several ways, to separate prec
 from logic errors:
 - trainer_autocast: fp32 master weights under bf16 autocast (what a GRPO step computes)
 - trainer_fp32: fp32 master weights, no autocast
-- generator_copy: the generator's own weight copy, teacher-forced (same weights, no KV cache)
+- generator_copy: the generator's own weight copy and numerics, teacher-forced (no KV cache)
+- *_float32_head: the same with the output head computed in fp32 (isolates bf16 rounding of logits)
 Writes benchmarks/results/gemma4_parity-<preset>-<gpu>.json (or to --out).
 
-    python benchmarks/gemma4_parity.py --preset e2b --generator-dtype bfloat16
+    python benchmarks/gemma4_parity.py --preset e2b --generator-precision bfloat16_autocast
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -29,16 +31,45 @@ from posttrain.models.logprobs import token_logprobs
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.torch_engine import TorchRolloutEngine
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# --generator-precision (the recipe's policy.generation.dtype) -> (weight dtype, bf16 autocast)
+GENERATOR_PRECISION = {
+    "float32": (torch.float32, False),
+    "bfloat16": (torch.bfloat16, False),
+    "bfloat16_autocast": (torch.float32, True),
+}
+
+
+class Float32Head(torch.nn.Module):
+    """lm_head computed in fp32 from whatever the hidden states are (no bf16 rounding of logits)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", enabled=False):
+            return torch.nn.functional.linear(hidden.float(), self.weight.float())
+
+
+def with_float32_head(model: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy of `model` whose output head computes fp32 logits (weights shared, not copied)."""
+    clone = copy.copy(model)
+    clone._modules = dict(model._modules)
+    clone.lm_head = Float32Head(model.lm_head.weight)
+    return clone
 
 
 def score(model, rollouts, *, group: int, width: int, autocast: bool) -> dict[str, float]:
     """token_mult_prob_error per group of sequences (median, max) and gen_kl_error (mean, max)."""
     tme, kl = [], []
     for start in range(0, len(rollouts), group):
-        packed = {k: v.cuda() for k, v in pack_rollouts(rollouts[start : start + group], width=width, pad_token_id=0).items()}
+        packed = {
+            k: v.cuda() for k, v in pack_rollouts(rollouts[start : start + group], width=width, pad_token_id=0).items()
+        }
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            old_BT = torch.nn.functional.pad(token_logprobs(model, packed["input_ids"], packed["attention_mask"]), (1, 0))
+            old_BT = torch.nn.functional.pad(
+                token_logprobs(model, packed["input_ids"], packed["attention_mask"]), (1, 0)
+            )
         mask_BT = packed["response_mask"].float()
         tme.append(token_mult_prob_error(packed["gen_logprobs"], old_BT, mask_BT))
         kl.append(gen_kl_error(packed["gen_logprobs"], old_BT, mask_BT))
@@ -53,7 +84,7 @@ def score(model, rollouts, *, group: int, width: int, autocast: bool) -> dict[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="e2b")
-    parser.add_argument("--generator-dtype", choices=DTYPES, default="bfloat16")
+    parser.add_argument("--generator-precision", choices=GENERATOR_PRECISION, default="bfloat16")
     parser.add_argument("--sequences", type=int, default=64)
     parser.add_argument("--group", type=int, default=8, help="sequences per token_mult_prob_error value")
     parser.add_argument("--prompt-tokens", type=int, default=64)
@@ -65,6 +96,12 @@ def main() -> None:
         default="tempered",
         help="tempered: q-norm scales 1/sqrt(head_dim) (see temper_random_init_attention); transformers: ones",
     )
+    parser.add_argument(
+        "--generator-head",
+        choices=("model", "float32"),
+        default="model",
+        help="float32: the generator computes its logits in fp32 from its hidden states",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -75,10 +112,23 @@ def main() -> None:
     if args.attention_init == "tempered":
         temper_random_init_attention(model)
     gen = torch.Generator().manual_seed(1)
-    prompts = [[2] + torch.randint(1000, 200_000, (args.prompt_tokens - 1,), generator=gen).tolist() for _ in range(args.sequences)]
-    engine = TorchRolloutEngine(model, pad_token_id=0, dtype=DTYPES[args.generator_dtype], max_batch_size=args.sequences)
+    prompts = [
+        [2] + torch.randint(1000, 200_000, (args.prompt_tokens - 1,), generator=gen).tolist()
+        for _ in range(args.sequences)
+    ]
+    engine = TorchRolloutEngine(
+        model,
+        pad_token_id=0,
+        dtype=GENERATOR_PRECISION[args.generator_precision][0],
+        autocast=GENERATOR_PRECISION[args.generator_precision][1],
+        max_batch_size=args.sequences,
+    )
+    if args.generator_head == "float32":
+        engine.model = with_float32_head(engine.model)
     start = time.perf_counter()
-    rollouts = engine.generate(prompts, SamplingParams(temperature=args.temperature, max_new_tokens=args.new_tokens, seed=0))
+    rollouts = engine.generate(
+        prompts, SamplingParams(temperature=args.temperature, max_new_tokens=args.new_tokens, seed=0)
+    )
     seconds = time.perf_counter() - start
     width = args.prompt_tokens + args.new_tokens
     sampled = [lp for r in rollouts for lp in r.logprobs]
@@ -87,7 +137,8 @@ def main() -> None:
         "preset": args.preset,
         "model": f"Gemma4ForCausalLM, {args.preset} text preset shape, random init",
         "attention_init": args.attention_init,
-        "generator_dtype": args.generator_dtype,
+        "generator_head": args.generator_head,
+        "generator_precision": args.generator_precision,
         "sequences": args.sequences,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
@@ -97,14 +148,30 @@ def main() -> None:
         "generation_seconds": seconds,
         "trainer_autocast": score(model, rollouts, group=args.group, width=width, autocast=True),
         "trainer_fp32": score(model, rollouts, group=args.group, width=width, autocast=False),
-        "generator_copy": score(engine.model, rollouts, group=args.group, width=width, autocast=False),
+        "trainer_autocast_float32_head": score(
+            with_float32_head(model), rollouts, group=args.group, width=width, autocast=True
+        ),
+        "generator_copy": score(engine.model, rollouts, group=args.group, width=width, autocast=engine.autocast),
+        "generator_copy_float32_head": score(
+            with_float32_head(engine.model), rollouts, group=args.group, width=width, autocast=engine.autocast
+        ),
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(),
-        "command": "python benchmarks/gemma4_parity.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None),
+        "command": "python benchmarks/gemma4_parity.py "
+        + " ".join(
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            for k, v in vars(args).items()
+            if k != "out" and v is not False
+        ),
     }
     print(json.dumps(result, indent=1))
     gpu = torch.cuda.get_device_name().split()[-1].lower()
-    out = args.out or Path(__file__).parent / "results" / f"gemma4_parity-{args.preset}-{args.generator_dtype}-{args.attention_init}-{gpu}.json"
+    out = (
+        args.out
+        or Path(__file__).parent
+        / "results"
+        / f"gemma4_parity-{args.preset}-{args.generator_precision}-{args.attention_init}-head_{args.generator_head}-{gpu}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
 

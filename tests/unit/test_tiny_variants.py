@@ -126,7 +126,6 @@ def test_e_series_is_e2b_shaped():
     model = _text_model("e_series")
     config = model.config
     assert config.layer_types == [S, S, F, S, F]
-    assert config.kv_sharing_modes == [None, "store", "store", "reuse", "reuse"]
     assert config.use_bidirectional_attention is None
     # per-layer embeddings: one packed table [V, layers * 8]
     assert tuple(model.model.embed_tokens_per_layer.weight.shape) == (VOCAB, 5 * 8)

@@ -39,10 +39,10 @@ def run(cfg: RecipeConfig) -> int:
     from transformers.utils import logging as transformers_logging
 
     from posttrain.algorithms.dynamic_sampling import DynamicSamplingExhausted
+    from posttrain.checkpoint.store import CheckpointOptimizerMismatchError
     from posttrain.data.sources import DataError
     from posttrain.loops.grpo import run_grpo
     from posttrain.metrics.console import Console
-    from posttrain.checkpoint.store import CheckpointOptimizerMismatchError
     from posttrain.models.freezing import FreezeConfigError
     from posttrain.models.loading import CheckpointMismatchError, CheckpointNotFoundError
     from posttrain.training.trainer import MasterWeightsError

@@ -45,8 +45,14 @@ class GenerationConfig(Section):
     stop_token_ids: list[int] | None = Field(
         None, description="Token ids that end a response; null: the model config's eos ids."
     )
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "bfloat16", description="Dtype of the generator's weight copy (refreshed from the fp32 master after each step)."
+    dtype: Literal["float32", "bfloat16", "bfloat16_autocast"] = Field(
+        "bfloat16",
+        description=(
+            "The generator's weight copy, refreshed from the fp32 master after each step. bfloat16: bf16 weights "
+            "and activations (half the memory). bfloat16_autocast: an fp32 copy run under bf16 autocast, the "
+            "trainer's own numerics (fp32 residual stream): smaller train/generate mismatch for twice the memory "
+            "(docs/models.md has measurements)."
+        ),
     )
     max_batch_size: int = Field(256, ge=1, description="Sequences decoded together.")
 

@@ -22,7 +22,12 @@ from posttrain.models.tiny import END_OF_TURN, save_tiny_gemma4, train_tokenizer
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.torch_engine import TorchRolloutEngine
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# generation.dtype -> (weight dtype of the generator copy, bf16 autocast)
+GENERATOR_PRECISION = {
+    "float32": (torch.float32, False),
+    "bfloat16": (torch.bfloat16, False),
+    "bfloat16_autocast": (torch.float32, True),
+}
 
 
 @dataclass
@@ -116,7 +121,10 @@ def build_run(cfg: RecipeConfig, *, console: Console) -> RunParts:
         val = tokenize_prompts(val_samples, tokenizer, template=template, max_prompt_tokens=max_prompt)
 
     gen = cfg.policy.generation
-    engine = TorchRolloutEngine(model, pad_token_id=tokenizer.pad_token_id, dtype=DTYPES[gen.dtype], max_batch_size=gen.max_batch_size)
+    weight_dtype, autocast = GENERATOR_PRECISION[gen.dtype]
+    engine = TorchRolloutEngine(
+        model, pad_token_id=tokenizer.pad_token_id, dtype=weight_dtype, autocast=autocast, max_batch_size=gen.max_batch_size
+    )
     sampling = SamplingParams(
         temperature=gen.temperature,
         top_p=gen.top_p,

@@ -48,8 +48,19 @@ def truncate_logits(logits_BV: torch.Tensor, top_p: float, top_k: int | None) ->
 class TorchRolloutEngine:
     """Holds its own copy of the policy in `dtype` and samples from it."""
 
-    def __init__(self, model: torch.nn.Module, *, pad_token_id: int, dtype: torch.dtype, max_batch_size: int = 256):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        pad_token_id: int,
+        dtype: torch.dtype,
+        autocast: bool = False,
+        max_batch_size: int = 256,
+    ):
+        """`dtype`: the weight copy's dtype. `autocast`: sample under bf16 autocast (with fp32 weights,
+        the trainer's numerics: bf16 matmuls, fp32 residual stream and norms)."""
         self.model = copy.deepcopy(model).to(dtype).eval()
+        self.autocast = autocast
         self.model.requires_grad_(False)
         self.pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
@@ -80,7 +91,8 @@ class TorchRolloutEngine:
         for start in range(0, len(prompts), self.max_batch_size):
             stop = start + self.max_batch_size
             batch_multimodal = multimodal[start:stop] if multimodal is not None else None
-            rollouts += self._generate_batch(prompts[start:stop], params, generator, batch_multimodal)
+            with torch.autocast(self._device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                rollouts += self._generate_batch(prompts[start:stop], params, generator, batch_multimodal)
         return rollouts
 
     @property
