@@ -51,8 +51,11 @@ class Rollout:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
-        """Sample one response per prompt (repeat prompts for several samples), in order."""
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, multimodal: list[MultimodalPrompt | None] | None = None
+    ) -> list[Rollout]:
+        """Sample one response per prompt (repeat prompts for several samples), in order;
+        `multimodal[i]` holds prompt i's images (None: text only)."""
         ...
 
     def refresh_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
