@@ -77,7 +77,7 @@ def load_policy(path: str | Path, *, text_only: bool = False, dtype: torch.dtype
             dtype=dtype,
             use_safetensors=True,
             output_loading_info=True,
-            key_mapping={rule.pattern: rule.replacement for rule in rules} or None,
+            key_mapping={f"^(?:{rule.pattern})": rule.replacement for rule in rules} or None,  # as map_checkpoint_key
         )
     dropped = family.text_only_dropped_keys if loads_text_only else ()
     problems = {
