@@ -2,8 +2,9 @@
 placeholder tokens -> logprobs and generation, each against transformers' own forward / generate.
 
 Rows mix images of different sizes and a text-only prompt, left-padded as the engine pads them.
-The text model is the dense (31B-like) variant, whose image tokens attend bidirectionally, so a
-missing or wrong `mm_token_type_ids` would change the logprobs.
+Text models: the dense (31B-like) and MoE (26B-like) variants, whose image tokens attend
+bidirectionally (so a missing or wrong `mm_token_type_ids` would change the logprobs), and the
+E-series (E4B-like), which has no bidirectional attention.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def processor(tokenizer):
     return build_tiny_processor(tokenizer)
 
 
-@pytest.fixture(scope="module", params=["dense", "e_series"])
+@pytest.fixture(scope="module", params=["dense", "moe", "e_series"])
 def model(request, tokenizer):
     torch.manual_seed(0)
     text_config = tiny_gemma4_config(len(tokenizer), variant=request.param)
