@@ -173,28 +173,20 @@ def train_tokenizer(
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer=trainer)
+    special = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
     if multimodal:
         # Named tokens, not a list: Gemma4Processor.__init__ replaces the tokenizer's list of extra
         # special tokens with ["<|video|>"] (add_special_tokens with replace_extra_special_tokens=True).
         wrapped = PreTrainedTokenizerFast(
             tokenizer_object=tokenizer,
-            bos_token="<bos>",
-            eos_token="<eos>",
-            pad_token="<pad>",
-            unk_token="<unk>",
+            **special,
             extra_special_tokens={"sot_token": "<|turn>", "eot_token": END_OF_TURN, **MULTIMODAL_SPECIAL_TOKENS},
             padding_side="left",
         )
         wrapped.chat_template = GEMMA4_MULTIMODAL_CHAT_TEMPLATE
         return wrapped
     wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=["<|turn>", END_OF_TURN],
-        padding_side="left",
+        tokenizer_object=tokenizer, **special, additional_special_tokens=["<|turn>", END_OF_TURN], padding_side="left"
     )
     wrapped.chat_template = GEMMA4_CHAT_TEMPLATE
     return wrapped
