@@ -8,7 +8,7 @@ import pytest
 
 from posttrain.config.schema import ArithmeticSource
 from posttrain.data.arithmetic import arithmetic_samples
-from posttrain.data.prompts import Prompt, PromptIterator, load_samples, tokenize_prompts
+from posttrain.data.prompts import Prompt, PromptIterator, TokenizedPrompts, load_samples, tokenize_prompts
 from posttrain.data.sources import DataError
 from posttrain.data.types import Sample
 from posttrain.models.loading import load_tokenizer
@@ -90,20 +90,36 @@ def test_prompt_is_chat_templated_and_length_limit_is_inclusive(tokenizer):
     expected_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     assert expected_ids[0] == tokenizer.bos_token_id and expected_ids.count(tokenizer.bos_token_id) == 1
 
-    [prompt] = tokenize_prompts([sample], tokenizer, template="Q: {prompt}", max_prompt_tokens=len(expected_ids))
+    tokenized = tokenize_prompts([sample], tokenizer, template="Q: {prompt}", max_prompt_tokens=len(expected_ids))
+    [prompt] = tokenized.prompts
+    assert tokenized.dropped == []
     assert prompt.text == "Q: Compute 1+2."
     assert prompt.token_ids == expected_ids
     assert prompt.sample is sample
 
 
-def test_too_long_prompt_names_its_origin(tokenizer):
+def test_too_long_prompts_are_dropped_by_origin_and_all_dropped_is_an_error(tokenizer):
     ok = _sample("Compute 1+2.", "unit.jsonl:0")
     long = _sample("Compute " + "+".join(["12"] * 40) + ".", "unit.jsonl:1")
-    with pytest.raises(DataError, match=r"^unit\.jsonl:1: the prompt is \d+ tokens, more than the 40"):
-        tokenize_prompts([ok, long], tokenizer, template="{prompt}", max_prompt_tokens=40)
-    limit = len(tokenize_prompts([ok], tokenizer, template="{prompt}", max_prompt_tokens=100)[0].token_ids)
-    with pytest.raises(DataError, match=r"unit\.jsonl:0"):
-        tokenize_prompts([ok], tokenizer, template="{prompt}", max_prompt_tokens=limit - 1)
+    tokenized = tokenize_prompts([ok, long, ok], tokenizer, template="{prompt}", max_prompt_tokens=40)
+    assert [p.sample.origin for p in tokenized.prompts] == ["unit.jsonl:0", "unit.jsonl:0"]
+    assert tokenized.dropped == ["unit.jsonl:1"]  # dropped whole, never truncated
+    limit = len(tokenized.prompts[0].token_ids)
+    with pytest.raises(DataError, match=r"^all 2 prompts are longer than the \d+ tokens .*first: unit\.jsonl:0"):
+        tokenize_prompts([ok, ok], tokenizer, template="{prompt}", max_prompt_tokens=limit - 1)
+    assert tokenize_prompts([], tokenizer, template="{prompt}", max_prompt_tokens=limit) == TokenizedPrompts([], [])
+
+
+def test_template_braces_other_than_the_placeholder_are_literal(tokenizer):
+    sample = _sample("Compute 1+2.", "unit:0")
+    [prompt] = tokenize_prompts([sample], tokenizer, template="{prompt} Answer in \\boxed{}.", max_prompt_tokens=100).prompts
+    assert prompt.text == "Compute 1+2. Answer in \\boxed{}."
+
+
+def test_a_sample_with_images_is_refused_by_text_tokenization(tokenizer):
+    sample = Sample(prompt="Find x.", ground_truth="3", metadata={}, origin="geo.parquet:0", images=("an image",))
+    with pytest.raises(DataError, match=r"^geo\.parquet:0: the sample carries 1 image\(s\).*VLM loop"):
+        tokenize_prompts([sample], tokenizer, template="{prompt}", max_prompt_tokens=100)
 
 
 # ---------------------------------------------------------------------------------- iterator

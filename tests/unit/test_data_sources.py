@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from posttrain.data.sources import DataError, load_jsonl_or_parquet, load_reasoning_gym
+from posttrain.data.sources import BadRows, DataError, load_jsonl_or_parquet, load_reasoning_gym
 from posttrain.data.types import Sample
 from posttrain.environments import ReasoningGymEnvironment, scoring_metadata
 
@@ -146,6 +146,69 @@ def test_empty_file_and_unknown_extension(tmp_path):
     csv.write_text("prompt,answer\na,1\n")
     with pytest.raises(DataError, match="unsupported extension '.csv'"):
         load_jsonl_or_parquet(csv)
+
+
+def test_nested_keys_read_verl_style_columns(tmp_path):
+    row = {
+        "data_source": "math_dapo",
+        "prompt": [{"content": "Solve: 6*7.", "role": "user"}],
+        "reward_model": {"ground_truth": "42", "style": "rule"},
+    }
+    path = write_parquet(tmp_path / "verl.parquet", [row])
+    [sample] = load_jsonl_or_parquet(path, prompt_key="prompt", answer_key="reward_model.ground_truth")
+    assert (sample.prompt, sample.ground_truth) == ("Solve: 6*7.", "42")  # the chat list's last user message
+    assert sample.metadata == {"data_source": "math_dapo", "reward_model": row["reward_model"], "messages": row["prompt"]}
+    [by_index] = load_jsonl_or_parquet(path, prompt_key="prompt.0.content", answer_key="reward_model.ground_truth")
+    assert by_index.prompt == "Solve: 6*7." and "messages" not in by_index.metadata
+
+
+def test_a_column_whose_name_has_a_dot_wins_over_descending(tmp_path):
+    path = write_jsonl(tmp_path / "dots.jsonl", [{"q.text": "What is 1+1?", "a": {"text": "2"}}])
+    [sample] = load_jsonl_or_parquet(path, prompt_key="q.text", answer_key="a.text")
+    assert (sample.prompt, sample.ground_truth) == ("What is 1+1?", "2")
+
+
+def test_nested_key_missing_in_a_row_names_the_row_and_where_it_stopped(tmp_path):
+    rows = [{"prompt": "a", "reward_model": {"ground_truth": "1"}}, {"prompt": "b", "reward_model": None}]
+    path = write_jsonl(tmp_path / "verl.jsonl", rows)
+    with pytest.raises(
+        DataError, match=re.escape("verl.jsonl row 1: no 'reward_model.ground_truth': reward_model is None, which has no 'ground_truth'")
+    ):
+        load_jsonl_or_parquet(path, answer_key="reward_model.ground_truth")
+    with pytest.raises(DataError, match=re.escape("no answer column 'solution.value'; columns present: ['prompt', 'reward_model']")):
+        load_jsonl_or_parquet(path, answer_key="solution.value")
+
+
+def test_bad_rows_are_skipped_and_counted_when_asked(tmp_path):
+    rows = [{"prompt": "a", "answer": "1"}, {"prompt": "", "answer": "2"}, {"prompt": "c", "answer": [3]}, {"prompt": "d", "answer": 4}]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    bad_rows = BadRows("skip")
+    samples = load_jsonl_or_parquet(path, bad_rows=bad_rows)
+    assert [s.origin for s in samples] == ["train.jsonl:0", "train.jsonl:3"]
+    assert bad_rows.skipped == [
+        f"{path} row 1: 'prompt' must be a non-empty string, got ''",
+        f"{path} row 2: 'answer' must be a string or a number, got [3]",
+    ]
+    all_bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": None, "answer": "1"}])
+    with pytest.raises(DataError, match=r"bad\.jsonl: all 1 rows are malformed \(data.on_bad_row: skip\); the first: .*row 0"):
+        load_jsonl_or_parquet(all_bad, bad_rows=BadRows("skip"))
+
+
+def test_file_level_problems_are_errors_even_when_skipping(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": 2\n')
+    with pytest.raises(DataError, match=r"line 2: malformed JSON"):
+        load_jsonl_or_parquet(path, bad_rows=BadRows("skip"))
+
+
+def test_a_column_named_like_a_reserved_metadata_key_fails_at_load(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a", "answer": "1", "origin": "web"}])
+    with pytest.raises(DataError, match=r"column\(s\) \['origin'\] would become metadata keys that the environments reserve"):
+        load_jsonl_or_parquet(path)
+    [sample] = load_jsonl_or_parquet(
+        write_jsonl(tmp_path / "gt.jsonl", [{"prompt": "a", "ground_truth": "1"}]), answer_key="ground_truth"
+    )
+    assert sample.ground_truth == "1" and sample.metadata == {}
 
 
 def test_reasoning_gym_is_deterministic_by_seed():

@@ -4,6 +4,7 @@ import logging
 import threading
 
 import pytest
+from _verifiers import MATH_EQUIVALENCE_CASES
 
 import posttrain.environments.math as math_env
 from posttrain.data.sources import load_reasoning_gym
@@ -42,8 +43,8 @@ def test_math_verify_rewards():
     assert score(env, ["68"], r"\boxed{68}") == [
         1.0
     ]  # an already boxed ground truth is not re-wrapped
-    assert env.pop_metrics() == {"env/scored": 9.0, "env/verifier_errors": 0.0}
-    assert env.pop_metrics() == {"env/scored": 0.0, "env/verifier_errors": 0.0}
+    assert env.pop_metrics() == {"env/scored": 9.0, "env/verifier_errors": 0.0, "env/verifier_timeouts": 0.0}
+    assert env.pop_metrics() == {"env/scored": 0.0, "env/verifier_errors": 0.0, "env/verifier_timeouts": 0.0}
 
 
 def test_math_verify_fraction_equivalence():
@@ -81,7 +82,7 @@ def test_raising_verifier_is_contained_counted_and_logged_once(monkeypatch, capl
     env = MathEnvironment()
     with caplog.at_level(logging.DEBUG, logger="posttrain.environments.base"):
         assert score(env, ["68", "68", "68"], "68") == [0.0, 0.0, 0.0]
-    assert env.pop_metrics() == {"env/scored": 3.0, "env/verifier_errors": 3.0}
+    assert env.pop_metrics() == {"env/scored": 3.0, "env/verifier_errors": 3.0, "env/verifier_timeouts": 0.0}
     warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1 and "test:0 (batch index 0)" in warnings[0].getMessage()
     assert warnings[0].exc_info is not None
@@ -149,7 +150,7 @@ def test_reasoning_gym_scores_with_its_own_scorer():
     assert env.score(prompts, untagged, metadata) == [0.0, 0.0, 0.0]  # no <answer> tags: no answer
     raw = ReasoningGymEnvironment(answer_format="raw")
     assert raw.score(prompts, untagged, metadata) == [1.0, 1.0, 1.0]
-    assert env.pop_metrics() == {"env/scored": 9.0, "env/verifier_errors": 0.0}
+    assert env.pop_metrics() == {"env/scored": 9.0, "env/verifier_errors": 0.0, "env/verifier_timeouts": 0.0}
 
 
 def test_reasoning_gym_partial_credit_and_tripwire():
@@ -207,3 +208,20 @@ def test_build_errors():
             metadata={},
             origin="o",
         )
+
+
+@pytest.mark.parametrize(("ground_truth", "response", "math_verify", "dapo"), MATH_EQUIVALENCE_CASES)
+def test_math_answer_equivalences(ground_truth, response, math_verify, dapo):
+    assert score(MathEnvironment(), [response], ground_truth) == [math_verify]
+    assert score(MathEnvironment(verifier="dapo"), [response], ground_truth) == [dapo]
+
+
+def test_worker_options_are_validated():
+    with pytest.raises(ValueError, match="needs num_workers > 0"):
+        MathEnvironment(call_timeout_s=5.0)
+    with pytest.raises(ValueError, match="needs num_workers > 0"):
+        ReasoningGymEnvironment(call_timeout_s=5.0)
+    with pytest.raises(ValueError, match="num_workers must be"):
+        MathEnvironment(num_workers=-1)
+    with pytest.raises(ValueError, match="call_timeout_s must be a positive"):
+        MathEnvironment(num_workers=1, call_timeout_s=0.0)

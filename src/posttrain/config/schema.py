@@ -97,7 +97,11 @@ class PolicyConfig(Section):
     train_global_batch_size: int = Field(512, ge=1, description="Samples per optimizer step.")
     train_micro_batch_size: int = Field(1, ge=1, description="Samples per forward/backward pass.")
     logprob_batch_size: int | None = Field(None, ge=1, description="Samples per no-grad logprob pass; null: micro batch size.")
-    max_total_sequence_length: int = Field(4096, ge=2, description="Prompt + response tokens; longer prompts are an error.")
+    max_total_sequence_length: int = Field(
+        4096,
+        ge=2,
+        description="Prompt + response tokens; prompts longer than this minus generation.max_new_tokens are dropped (counted).",
+    )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm (null: no clipping). The pre-clip norm is logged.")
     activation_checkpointing: bool = Field(
         False,
@@ -159,23 +163,79 @@ class ReasoningGymSource(Section):
 
 
 class FileSource(Section):
-    """Prompts from a local JSONL or Parquet file (read with `datasets`)."""
+    """Prompts from a local JSONL or Parquet file with any columns (read with `datasets`)."""
 
     type: Literal["file"] = Field(description="Selects this source.")
-    path: str = Field(description="Local .jsonl/.json or .parquet file.")
-    prompt_key: str = Field("prompt", description="Column with the prompt text or a chat `messages` list.")
-    answer_key: str = Field("answer", description="Column with the ground-truth answer.")
+    path: str = Field(description="Local .jsonl/.json or .parquet file; relative paths are resolved against the working directory.")
+    prompt_key: str = Field(
+        "prompt",
+        description=(
+            "Column with the prompt text, or a chat `messages` list whose last user message is the prompt. A dotted "
+            "key descends into nested columns: `prompt.0.content`."
+        ),
+    )
+    answer_key: str | None = Field(
+        "answer",
+        description="Column with the ground-truth answer, dotted as prompt_key (verl data: `reward_model.ground_truth`); null: none.",
+    )
     limit: int | None = Field(None, ge=1, description="Use only the first rows.")
 
 
-PromptSource = Annotated[ArithmeticSource | ReasoningGymSource | FileSource, Field(discriminator="type")]
+DatasetName = Literal["dapo_math_17k", "aime_2024", "gsm8k", "math_500", "openmathinstruct2", "geometry3k"]
+
+
+class DatasetSource(Section):
+    """A public math dataset read in its published format (docs/data.md lists the formats)."""
+
+    type: Literal["dataset"] = Field(description="Selects this source.")
+    name: DatasetName = Field(description="Which dataset; its format, default split and hub id are in docs/data.md.")
+    path: str | None = Field(
+        None,
+        description=(
+            "A local file in the dataset's format, a local directory holding a download of its hub repository, or a "
+            "hub id (read with datasets.load_dataset); null: the dataset's own hub id. Relative to the working directory."
+        ),
+    )
+    split: str | None = Field(
+        None, description="Split read from a directory or the hub; null: the dataset's default. Leave null when path is a file."
+    )
+    limit: int | None = Field(None, ge=1, description="Use only the first rows.")
+
+    @model_validator(mode="after")
+    def split_exists(self) -> DatasetSource:
+        from posttrain.data.datasets import DATASETS
+
+        splits = sorted(DATASETS[self.name].files)
+        if self.split is not None and self.split not in splits:
+            raise ValueError(f"dataset {self.name} has no split {self.split!r}; its splits: {splits}")
+        return self
+
+
+PromptSource = Annotated[
+    ArithmeticSource | ReasoningGymSource | FileSource | DatasetSource, Field(discriminator="type")
+]
 
 
 class DataConfig(Section):
     train: PromptSource = Field(description="Where training prompts come from (a source with a `type`).")
     validation: PromptSource | None = Field(None, description="Held-out prompts for validation/accuracy; null: no validation.")
     prompt_template: str = Field(
-        "{prompt}", description="Python format string applied to each prompt before the chat template; must contain {prompt}."
+        "{prompt}",
+        description=(
+            "Text around each prompt before the chat template: {prompt} is replaced by the prompt, everything else is "
+            "literal (no brace escaping); must contain {prompt}."
+        ),
+    )
+    prompt_template_file: str | None = Field(
+        None,
+        description=(
+            "The template from a file instead: a built-in name (math_cot_boxed, dapo_answer) or a path to a text file "
+            "(containing '/' or ending in .txt, relative to the working directory). Excludes a prompt_template."
+        ),
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error",
+        description="A malformed data row: error naming its file and row, or skip it (counted as data/skipped_bad_rows).",
     )
     shuffle: bool = Field(True, description="Reshuffle training prompts every epoch (seeded by grpo.seed).")
 
@@ -185,9 +245,30 @@ class DataConfig(Section):
             raise ValueError("data.prompt_template must contain '{prompt}'")
         return self
 
+    @model_validator(mode="after")
+    def one_template(self) -> DataConfig:
+        if self.prompt_template_file is not None and self.prompt_template != "{prompt}":
+            raise ValueError("set data.prompt_template or data.prompt_template_file, not both")
+        return self
+
+    @model_validator(mode="after")
+    def template_file_known(self) -> DataConfig:
+        """A built-in name is checked here; a file is read when the run is built."""
+        from posttrain.data.templates import check_builtin_name
+
+        if self.prompt_template_file is not None:
+            check_builtin_name(self.prompt_template_file)
+        return self
+
 
 class EnvConfig(Section):
-    name: str = Field("math", description="Environment name: math, reasoning_gym, or custom (with options.import_path).")
+    name: str = Field(
+        "math",
+        description=(
+            "Environment name: math, reasoning_gym, reward_model, format, answer_math, weighted, geometry3k, or custom "
+            "(with options.import_path). docs/environments.md lists each one's options."
+        ),
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the environment.")
 
     @model_validator(mode="after")
@@ -201,11 +282,14 @@ class EnvConfig(Section):
             if "import_path" not in self.options:
                 raise ValueError("env.name 'custom' needs env.options.import_path: 'package.module:ClassName'")
             return self
-        signature = inspect.signature(builtin_environment(self.name))
+        environment = builtin_environment(self.name)
+        signature = inspect.signature(environment)
         try:
             signature.bind(**self.options)
         except TypeError as error:
             raise ValueError(f"env.options do not fit environment {self.name!r} {signature}: {error}") from None
+        if self.name == "weighted":  # its components' names and options, without building any of them
+            environment.check_options(self.options["components"])
         return self
 
 

@@ -7,13 +7,17 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from posttrain.config.schema import ArithmeticSource, FileSource, PromptSource, ReasoningGymSource
+from posttrain.config.schema import ArithmeticSource, DatasetSource, FileSource, PromptSource, ReasoningGymSource
 from posttrain.data.arithmetic import arithmetic_samples
-from posttrain.data.sources import DataError, load_jsonl_or_parquet, load_reasoning_gym
+from posttrain.data.datasets import load_dataset_samples
+from posttrain.data.sources import BadRows, DataError, load_jsonl_or_parquet, load_reasoning_gym
+from posttrain.data.templates import render
 from posttrain.data.types import Sample
 
 
-def load_samples(source: PromptSource, *, split: str) -> list[Sample]:
+def load_samples(source: PromptSource, *, split: str, bad_rows: BadRows | None = None) -> list[Sample]:
+    """The samples of one recipe source; `split` ("train"/"validation") picks the arithmetic split,
+    `bad_rows` decides what a malformed file row does (None: raise)."""
     if isinstance(source, ArithmeticSource):
         return arithmetic_samples(
             source.size,
@@ -26,34 +30,60 @@ def load_samples(source: PromptSource, *, split: str) -> list[Sample]:
     if isinstance(source, ReasoningGymSource):
         return load_reasoning_gym(source.task, size=source.size, seed=source.seed, config=source.config)
     if isinstance(source, FileSource):
-        return load_jsonl_or_parquet(source.path, prompt_key=source.prompt_key, answer_key=source.answer_key, limit=source.limit)
+        return load_jsonl_or_parquet(
+            source.path, prompt_key=source.prompt_key, answer_key=source.answer_key, limit=source.limit, bad_rows=bad_rows
+        )
+    if isinstance(source, DatasetSource):
+        return load_dataset_samples(
+            source.name, path=source.path, split=source.split, limit=source.limit, bad_rows=bad_rows
+        )
     raise TypeError(f"unknown prompt source {source!r}")
 
 
 @dataclass(frozen=True)
 class Prompt:
     sample: Sample
-    text: str  # the user message after data.prompt_template
+    text: str  # the user message after the prompt template
     token_ids: list[int]  # chat-templated, with the generation prompt
+
+
+@dataclass(frozen=True)
+class TokenizedPrompts:
+    prompts: list[Prompt]
+    dropped: list[str]  # origins of the samples whose prompt was longer than max_prompt_tokens, in order
 
 
 def tokenize_prompts(
     samples: list[Sample], tokenizer: PreTrainedTokenizerBase, *, template: str, max_prompt_tokens: int
-) -> list[Prompt]:
-    """Render each sample with the chat template; a prompt that leaves no room to answer is an error."""
-    prompts = []
+) -> TokenizedPrompts:
+    """Render each sample with the template and the chat template; a prompt longer than
+    `max_prompt_tokens` leaves no room to answer and is dropped (counted, never truncated).
+
+    Raises:
+        DataError: a sample carries images (this tokenization is text-only and would lose them),
+            or every prompt is too long.
+    """
+    prompts, dropped = [], []
     for sample in samples:
-        text = template.format(prompt=sample.prompt)
+        if sample.images:
+            raise DataError(
+                f"{sample.origin}: the sample carries {len(sample.images)} image(s), but prompts are tokenized as "
+                "text only here; image datasets (geometry3k) need the VLM loop"
+            )
+        text = render(template, sample.prompt)
         messages = [{"role": "user", "content": text}]
         token_ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
         if len(token_ids) > max_prompt_tokens:
-            raise DataError(
-                f"{sample.origin}: the prompt is {len(token_ids)} tokens, more than the {max_prompt_tokens} that "
-                "policy.max_total_sequence_length - policy.generation.max_new_tokens leaves; raise "
-                "max_total_sequence_length or shorten the prompt"
-            )
+            dropped.append(sample.origin)
+            continue
         prompts.append(Prompt(sample=sample, text=text, token_ids=token_ids))
-    return prompts
+    if samples and not prompts:
+        raise DataError(
+            f"all {len(samples)} prompts are longer than the {max_prompt_tokens} tokens that "
+            "policy.max_total_sequence_length - policy.generation.max_new_tokens leaves (first: "
+            f"{dropped[0]}); raise max_total_sequence_length or shorten the prompt template"
+        )
+    return TokenizedPrompts(prompts=prompts, dropped=dropped)
 
 
 class PromptIterator:

@@ -5,22 +5,97 @@ fails before any model is loaded, with an error naming the file and the row.
 
 Row indices in errors and in `Sample.origin` ("train.jsonl:17") are 0-based positions in the
 file's rows; only malformed-JSON errors speak of 1-based *line* numbers, as editors do.
+
+A malformed row (a missing or empty prompt, an answer that is not a string or number, ...) goes
+to the source's `BadRows`: an error by default (`data.on_bad_row: error`), or recorded and
+skipped (`skip`). Problems with the file itself (missing, unreadable, malformed JSON, a missing
+column, no rows) are always errors, as is a file whose every row is malformed.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from posttrain.data.types import Sample
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
+# Metadata keys the environments set themselves (`posttrain.environments.scoring_metadata`): a
+# column with one of these names that is not the prompt or the answer is refused at load time.
+RESERVED_METADATA_KEYS = ("ground_truth", "origin")
+
 
 class DataError(ValueError):
     """A data source could not be read or one of its rows is invalid."""
+
+
+@dataclass
+class BadRows:
+    """What a source does with a malformed row: raise its `DataError` (policy "error") or record
+    the error's message and go on without the row (policy "skip")."""
+
+    policy: Literal["error", "skip"] = "error"
+    skipped: list[str] = field(default_factory=list)  # the messages of the skipped rows, in order
+
+    def handle(self, error: DataError) -> None:
+        if self.policy == "error":
+            raise error
+        self.skipped.append(str(error))
+
+
+def convert_rows(
+    rows: list[dict[str, Any]],
+    convert: Callable[[int, dict[str, Any]], Sample],
+    bad_rows: BadRows,
+    *,
+    source: str,
+) -> list[Sample]:
+    """`convert(index, row)` for each row; a `DataError` it raises goes to `bad_rows`.
+
+    Raises:
+        DataError: every row was malformed (only reachable when bad rows are skipped).
+    """
+    samples, first_bad = [], len(bad_rows.skipped)
+    for index, row in enumerate(rows):
+        try:
+            samples.append(convert(index, row))
+        except DataError as error:
+            bad_rows.handle(error)
+    if rows and not samples:
+        raise DataError(
+            f"{source}: all {len(rows)} rows are malformed (data.on_bad_row: skip); the first: "
+            f"{bad_rows.skipped[first_bad]}"
+        )
+    return samples
+
+
+def column_value(row: dict[str, Any], key: str, *, where: str) -> Any:
+    """`row[key]`; a dotted key descends into structs and lists: "reward_model.ground_truth",
+    "prompt.0.content". A column whose own name contains the dots wins over descending."""
+    if key in row:
+        return row[key]
+    value: Any = row
+    walked: list[str] = []
+    for part in key.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            inside = ".".join(walked) or "the row"
+            raise DataError(f"{where}: no {key!r}: {inside} is {_short(value)}, which has no {part!r}")
+        walked.append(part)
+    return value
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_jsonl_or_parquet(
@@ -29,6 +104,7 @@ def load_jsonl_or_parquet(
     prompt_key: str = "prompt",
     answer_key: str | None = "answer",
     limit: int | None = None,
+    bad_rows: BadRows | None = None,
 ) -> list[Sample]:
     """Read prompts from a local .jsonl/.json/.parquet file (through `datasets`, no hub access).
 
@@ -36,13 +112,16 @@ def load_jsonl_or_parquet(
         path: the file; relative paths are relative to the current working directory.
         prompt_key: the column holding the prompt: either a string, or a chat `messages` list
             of {"role", "content"} dicts, of which the last "user" message's content becomes the
-            prompt and the whole list is kept in `metadata["messages"]`.
-        answer_key: the column holding the reference answer (numbers are turned into strings);
-            None when the data has no answers (every `ground_truth` is then None).
+            prompt and the whole list is kept in `metadata["messages"]`. A dotted key descends
+            into nested columns (see `column_value`).
+        answer_key: the column holding the reference answer (numbers are turned into strings),
+            dotted keys as for `prompt_key` (e.g. verl's "reward_model.ground_truth"); None when
+            the data has no answers (every `ground_truth` is then None).
         limit: keep only the first `limit` rows.
+        bad_rows: what to do with a malformed row; None: raise.
 
     Returns:
-        One `Sample` per row; columns other than the prompt and answer go to `metadata`.
+        One `Sample` per (valid) row; columns other than the prompt and answer go to `metadata`.
 
     Raises:
         DataError: missing file, unknown extension, malformed JSON (with the line), missing
@@ -51,25 +130,40 @@ def load_jsonl_or_parquet(
     path = Path(path)
     if limit is not None and limit < 1:
         raise DataError(f"limit must be >= 1 or None, got {limit}")
-    rows, columns = _read_rows(path, limit=limit)
-    if prompt_key not in columns:
+    dataset = read_data_file(path)
+    columns = list(dataset.column_names)
+    if _top_column(prompt_key, columns) is None:
         hint = " (chat data: pass prompt_key='messages')" if "messages" in columns else ""
-        raise DataError(
-            f"{path}: no prompt column {prompt_key!r}; columns present: {columns}{hint}"
-        )
-    if answer_key is not None and answer_key not in columns:
+        raise DataError(f"{path}: no prompt column {prompt_key!r}; columns present: {columns}{hint}")
+    if answer_key is not None and _top_column(answer_key, columns) is None:
         raise DataError(
             f"{path}: no answer column {answer_key!r}; columns present: {columns} "
             "(pass answer_key=None for data without reference answers)"
         )
-    return [
-        _row_to_sample(row, index, path, prompt_key=prompt_key, answer_key=answer_key)
-        for index, row in enumerate(rows)
-    ]
+    reserved = sorted(set(RESERVED_METADATA_KEYS) & set(columns) - {prompt_key, answer_key})
+    if reserved:
+        raise DataError(
+            f"{path}: column(s) {reserved} would become metadata keys that the environments reserve "
+            "for the reference answer and the origin; if one holds the answer, name it as answer_key"
+        )
+    return convert_rows(
+        first_rows(dataset, limit),
+        lambda index, row: _row_to_sample(row, index, path, prompt_key=prompt_key, answer_key=answer_key),
+        bad_rows or BadRows(),
+        source=str(path),
+    )
 
 
-def _read_rows(path: Path, *, limit: int | None) -> tuple[list[dict[str, Any]], list[str]]:
-    """All rows (as plain dicts) and the column names, with errors that name the file."""
+def _top_column(key: str, columns: list[str]) -> str | None:
+    """The column a (possibly dotted) key reads from, or None when there is none."""
+    if key in columns:
+        return key
+    head = key.split(".", 1)[0]
+    return head if "." in key and head in columns else None
+
+
+def read_data_file(path: Path) -> Any:
+    """A local .jsonl/.json/.parquet file as a `datasets.Dataset`, with errors that name the file."""
     if not path.is_file():
         raise DataError(
             f"data file not found: {str(path)!r} (looked for {path.resolve()}; relative paths "
@@ -93,9 +187,14 @@ def _read_rows(path: Path, *, limit: int | None) -> tuple[list[dict[str, Any]], 
         raise DataError(f"{path}: could not be read as {builder}: {error}") from error
     if len(dataset) == 0:
         raise DataError(f"{path}: the file contains no rows")
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    return dataset.to_list(), list(dataset.column_names)
+    return dataset
+
+
+def first_rows(dataset: Any, limit: int | None) -> list[dict[str, Any]]:
+    """The first `limit` rows (all when None) as plain dicts; images stay undecoded {bytes, path}."""
+    if limit is not None and limit < len(dataset):
+        dataset = dataset.select(range(limit))
+    return dataset.to_list()
 
 
 def _raise_on_malformed_json_line(path: Path, error: Exception) -> None:
@@ -121,10 +220,10 @@ def _row_to_sample(
     row: dict[str, Any], index: int, path: Path, *, prompt_key: str, answer_key: str | None
 ) -> Sample:
     where = f"{path} row {index}"
-    raw_prompt = row[prompt_key]
+    raw_prompt = column_value(row, prompt_key, where=where)
     metadata = {key: value for key, value in row.items() if key not in (prompt_key, answer_key)}
     if isinstance(raw_prompt, list):
-        prompt = _last_user_message(raw_prompt, where=where, prompt_key=prompt_key)
+        prompt = last_user_message(raw_prompt, where=where, prompt_key=prompt_key)
         if "messages" in metadata:
             raise DataError(
                 f"{where}: column 'messages' collides with the chat list from {prompt_key!r}, "
@@ -138,16 +237,20 @@ def _row_to_sample(
 
     ground_truth = None
     if answer_key is not None:
-        answer = row[answer_key]
-        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-            raise DataError(f"{where}: {answer_key!r} must be a string or a number, got {answer!r}")
-        ground_truth = str(answer)
+        ground_truth = answer_text(column_value(row, answer_key, where=where), where=where, key=answer_key)
     return Sample(
         prompt=prompt, ground_truth=ground_truth, metadata=metadata, origin=f"{path.name}:{index}"
     )
 
 
-def _last_user_message(messages: list[Any], *, where: str, prompt_key: str) -> str:
+def answer_text(answer: Any, *, where: str, key: str) -> str:
+    """A reference answer as a string: strings as they are, numbers through str()."""
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise DataError(f"{where}: {key!r} must be a string or a number, got {answer!r}")
+    return str(answer)
+
+
+def last_user_message(messages: list[Any], *, where: str, prompt_key: str) -> str:
     """The content of the last message with role "user" in a chat list."""
     for message in reversed(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:

@@ -12,24 +12,41 @@ import importlib
 from typing import Any
 
 from posttrain.environments.base import Environment, ScoringStats, score_each, scoring_metadata
+from posttrain.environments.composite import (
+    AnswerMathEnvironment,
+    FormatEnvironment,
+    Geometry3kEnvironment,
+    WeightedEnvironment,
+)
 from posttrain.environments.math import MathEnvironment
 from posttrain.environments.reasoning_gym import ReasoningGymEnvironment
+from posttrain.environments.reward_model import RewardModelEnvironment
 
 BUILTIN_ENVIRONMENTS: dict[str, type] = {
     "math": MathEnvironment,
     "reasoning_gym": ReasoningGymEnvironment,
+    "reward_model": RewardModelEnvironment,
+    "format": FormatEnvironment,
+    "answer_math": AnswerMathEnvironment,
+    "weighted": WeightedEnvironment,
+    "geometry3k": Geometry3kEnvironment,
 }
 
 __all__ = [
     "BUILTIN_ENVIRONMENTS",
+    "AnswerMathEnvironment",
     "Environment",
+    "FormatEnvironment",
+    "Geometry3kEnvironment",
     "MathEnvironment",
     "ReasoningGymEnvironment",
+    "RewardModelEnvironment",
     "ScoringStats",
     "build",
     "builtin_environment",
     "score_each",
     "scoring_metadata",
+    "WeightedEnvironment",
 ]
 
 

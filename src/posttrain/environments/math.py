@@ -23,8 +23,9 @@ Timeouts: math-verify bounds each parse and each comparison with signal.alarm, w
 in the main thread of the main interpreter (elsewhere math-verify raises ValueError). Inputs such
 as "$9^{9^{9^{9}}}$" make sympy run forever, so the bound matters: `timeout_s` (default 5 s,
 whole seconds) is passed as `parsing_timeout`/`timeout_seconds`, and `score()` raises if called
-off the main thread while it is set. Run the environment in a worker process's main thread, or
-pass timeout_s=None to run unbounded (any thread) with your own watchdog around it. We pass
+off the main thread while it is set in-process. num_workers > 0 runs the verifier in worker
+processes' main threads (any calling thread then works) and adds `call_timeout_s`, a hard bound
+on each call that kills the worker; or pass timeout_s=None to run unbounded (any thread). We pass
 raise_on_error=True so that parser/comparison errors and timeouts reach `score_each` and are
 counted in env/verifier_errors instead of silently scoring 0.
 
@@ -37,20 +38,45 @@ ground truth as a string. verl returns +1/-1; here 1.0/0.0 like every posttrain 
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from typing import Any, Literal
 
 from posttrain.environments.base import ScoringStats, score_each
+from posttrain.environments.workers import verifier_pool
 
 Verifier = Literal["math_verify", "dapo"]
 VERIFIERS: tuple[Verifier, ...] = ("math_verify", "dapo")
 
 
 class MathEnvironment:
-    """Reward 1.0 when the response's final answer equals metadata["ground_truth"], else 0.0."""
+    """Reward 1.0 when the response's final answer equals metadata["ground_truth"], else 0.0.
 
-    def __init__(self, verifier: Verifier = "math_verify", *, timeout_s: int | None = 5) -> None:
+    Options (the recipe's `env.options`):
+      verifier: "math_verify" (default) or "dapo"; see the module docstring.
+      timeout_s: math-verify's own bound, in whole seconds, on each parse and each comparison
+        (signal.alarm, so main thread only; None: unbounded). Unused by "dapo". Its timeouts
+        raise and count in env/verifier_errors.
+      num_workers: 0 (default) scores in this process, one response after the other; N > 0
+        scores in a pool of N worker processes (`posttrain.environments.workers`), in parallel,
+        each call in a worker's main thread, so score() may then be called from any thread.
+      call_timeout_s: with num_workers > 0, the pool's bound in seconds on one response's whole
+        call (default 10.0): a call past it is killed (its worker replaced) and counts in
+        env/verifier_timeouts. It is the backstop for what signal.alarm cannot interrupt (a long
+        C call inside sympy). timeout_s bounds each of math-verify's three steps (parse the
+        ground truth, parse the response, compare), so keep call_timeout_s above timeout_s: the
+        alarm is cheaper (no worker restart). Setting it without workers is an error.
+    """
+
+    def __init__(
+        self,
+        verifier: Verifier = "math_verify",
+        *,
+        timeout_s: int | None = 5,
+        num_workers: int = 0,
+        call_timeout_s: float | None = None,
+    ) -> None:
         if verifier not in VERIFIERS:
             raise ValueError(f"unknown math verifier {verifier!r}; choose one of {list(VERIFIERS)}")
         if timeout_s is not None and (not isinstance(timeout_s, int) or timeout_s < 1):
@@ -60,6 +86,8 @@ class MathEnvironment:
             )
         self.verifier = verifier
         self.timeout_s = timeout_s
+        self._score_one = functools.partial(score_math, verifier=verifier, timeout_s=timeout_s)
+        self._pool = verifier_pool(num_workers, call_timeout_s)
         self._stats = ScoringStats()
 
     def score(
@@ -71,23 +99,32 @@ class MathEnvironment:
                     f"{meta.get('origin', '<no origin>')}: the math environment needs a string "
                     f"'ground_truth' in each metadata dict, got {meta.get('ground_truth')!r}"
                 )
-        uses_alarm = self.verifier == "math_verify" and self.timeout_s is not None
+        uses_alarm = self.verifier == "math_verify" and self.timeout_s is not None and self._pool is None
         if uses_alarm and threading.current_thread() is not threading.main_thread():
             raise RuntimeError(
                 "MathEnvironment(timeout_s=...) uses signal.alarm, which works only in the main "
-                "thread; score from a process's main thread, or pass timeout_s=None and bound "
-                "the time yourself"
+                "thread; score from a process's main thread, pass num_workers > 0, or pass "
+                "timeout_s=None and bound the time yourself"
             )
-        return score_each(self._score_one, prompts, responses, metadata, self._stats)
+        return score_each(self._score_one, prompts, responses, metadata, self._stats, self._pool)
 
     def pop_metrics(self) -> dict[str, float]:
         return self._stats.pop()
 
-    def _score_one(self, prompt: str, response: str, metadata: dict[str, Any]) -> float:
-        # Module-level lookups at call time, so tests can substitute a failing verifier.
-        if self.verifier == "math_verify":
-            return math_verify_reward(response, metadata["ground_truth"], timeout_s=self.timeout_s)
-        return dapo_reward(response, metadata["ground_truth"])
+    def close(self) -> None:
+        """Stop the worker processes, if any (they also stop at interpreter exit)."""
+        if self._pool is not None:
+            self._pool.close()
+
+
+def score_math(
+    prompt: str, response: str, metadata: dict[str, Any], *, verifier: Verifier, timeout_s: int | None
+) -> float:
+    """One response's reward. Module-level with plain options, so that worker processes can unpickle it."""
+    # Module-level lookups at call time, so tests can substitute a failing verifier.
+    if verifier == "math_verify":
+        return math_verify_reward(response, metadata["ground_truth"], timeout_s=timeout_s)
+    return dapo_reward(response, metadata["ground_truth"])
 
 
 def math_verify_reward(response: str, ground_truth: str, *, timeout_s: int | None) -> float:

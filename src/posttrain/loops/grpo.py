@@ -148,6 +148,7 @@ def run_grpo(cfg: RecipeConfig, *, console: Console) -> RunResult:
     logger = MetricsLogger(parts.log_dir, tensorboard=cfg.logger.tensorboard_enabled)
 
     start_step, validation_accuracy = 0, {}
+    first_record = dict(parts.data_metrics)  # data/* counts, logged once with this run's first record
     if checkpoint is not None:
         loop_state = load_checkpoint(checkpoint, model=parts.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler)
         start_step = loop_state["step"]
@@ -159,7 +160,8 @@ def run_grpo(cfg: RecipeConfig, *, console: Console) -> RunResult:
     elif grpo.val_at_start and parts.val_prompts:
         val = validate(parts, cfg, step=0)
         validation_accuracy[0] = val["validation/accuracy"]
-        logger.log(0, val)
+        logger.log(0, {**first_record, **val})
+        first_record = {}
         console.step_line(0, val)
 
     console.start_progress("RL", total=grpo.max_num_steps, completed=start_step)
@@ -183,7 +185,8 @@ def run_grpo(cfg: RecipeConfig, *, console: Console) -> RunResult:
             val = validate(parts, cfg, step=step)
             validation_accuracy[step] = val["validation/accuracy"]
             metrics.update(val)
-        logger.log(step, metrics)
+        logger.log(step, {**first_record, **metrics})
+        first_record = {}
         console.step_line(step, metrics)
         console.advance()
 

@@ -11,6 +11,8 @@ from transformers import PreTrainedTokenizerBase
 from posttrain.config.loader import dump_config
 from posttrain.config.schema import RecipeConfig
 from posttrain.data.prompts import Prompt, PromptIterator, load_samples, tokenize_prompts
+from posttrain.data.sources import BadRows
+from posttrain.data.templates import render, resolve_template
 from posttrain.data.types import Sample
 from posttrain.environments import Environment, build
 from posttrain.loops.warm_start import warm_start
@@ -43,6 +45,7 @@ class RunParts:
     engine: TorchRolloutEngine
     sampling_params: SamplingParams
     console: Console
+    data_metrics: dict[str, float] = field(default_factory=dict)  # data/*: logged with the run's first record
     warm_start_losses: list[float] = field(default_factory=list)
 
     def run_warm_start(self) -> None:
@@ -67,13 +70,13 @@ class RunParts:
         self.engine.refresh_weights(self.model.named_parameters())
 
 
-def prepare_tiny_model(cfg: RecipeConfig, train_samples: list[Sample], out_dir: Path) -> Path:
+def prepare_tiny_model(cfg: RecipeConfig, train_samples: list[Sample], out_dir: Path, *, template: str) -> Path:
     """Train a tokenizer on the task's text and save a random-init tiny Gemma 4 (once per run dir)."""
     if (out_dir / "config.json").is_file():
         return out_dir
     tiny = cfg.tiny_model
     corpus = [
-        cfg.data.prompt_template.format(prompt=s.prompt) + " " + str(s.ground_truth)
+        render(template, s.prompt) + " " + str(s.ground_truth)
         for s in train_samples[: tiny.tokenizer_corpus_size]
     ]
     corpus += ["user model"]  # the chat template's role names
@@ -92,6 +95,54 @@ def prepare_tiny_model(cfg: RecipeConfig, train_samples: list[Sample], out_dir: 
     return out_dir
 
 
+@dataclass(frozen=True)
+class LoadedData:
+    """Every sample of the run, read before any model is built so that data problems fail fast."""
+
+    template: str  # data.prompt_template, or the file data.prompt_template_file names
+    train: list[Sample]
+    validation: list[Sample]  # the first grpo.max_val_samples
+    skipped_rows: list[str]  # messages of the malformed rows skipped (data.on_bad_row: skip)
+
+
+def load_data(cfg: RecipeConfig) -> LoadedData:
+    data = cfg.data
+    template = resolve_template(data.prompt_template, data.prompt_template_file)
+    bad_rows = BadRows(data.on_bad_row)
+    train = load_samples(data.train, split="train", bad_rows=bad_rows)
+    validation: list[Sample] = []
+    if data.validation is not None:
+        validation = load_samples(data.validation, split="validation", bad_rows=bad_rows)[: cfg.grpo.max_val_samples]
+    return LoadedData(template=template, train=train, validation=validation, skipped_rows=bad_rows.skipped)
+
+
+def tokenize_data(
+    cfg: RecipeConfig, data: LoadedData, tokenizer: PreTrainedTokenizerBase, console: Console
+) -> tuple[list[Prompt], list[Prompt], dict[str, float]]:
+    """Training and validation prompts, and the data/* metrics; skipped rows and prompts dropped
+    for length are noted on the console."""
+    max_prompt = cfg.policy.max_total_sequence_length - cfg.policy.generation.max_new_tokens
+    train = tokenize_prompts(data.train, tokenizer, template=data.template, max_prompt_tokens=max_prompt)
+    val = tokenize_prompts(data.validation, tokenizer, template=data.template, max_prompt_tokens=max_prompt)
+    if data.skipped_rows:
+        first = "; ".join(data.skipped_rows[:3])
+        console.note(f"data: skipped {len(data.skipped_rows)} malformed rows (data.on_bad_row: skip), first: {first}")
+    dropped = train.dropped + val.dropped
+    if dropped:
+        console.note(
+            f"data: dropped {len(train.dropped)} training and {len(val.dropped)} validation prompts longer than "
+            f"{max_prompt} tokens (policy.max_total_sequence_length - policy.generation.max_new_tokens), first: "
+            f"{', '.join(dropped[:5])}"
+        )
+    metrics = {
+        "data/train_prompts": float(len(train.prompts)),
+        "data/validation_prompts": float(len(val.prompts)),
+        "data/dropped_long_prompts": float(len(dropped)),
+        "data/skipped_bad_rows": float(len(data.skipped_rows)),
+    }
+    return train.prompts, val.prompts, metrics
+
+
 def build_run(cfg: RecipeConfig, *, console: Console) -> RunParts:
     log_dir = Path(cfg.logger.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -99,26 +150,18 @@ def build_run(cfg: RecipeConfig, *, console: Console) -> RunParts:
     checkpoint_dir = Path(cfg.checkpointing.checkpoint_dir or log_dir / "checkpoints")
     torch.manual_seed(cfg.grpo.seed)
 
-    train_samples = load_samples(cfg.data.train, split="train")
+    data = load_data(cfg)
     if cfg.policy.model_name:
         model_dir = Path(cfg.policy.model_name)
     else:
-        model_dir = prepare_tiny_model(cfg, train_samples, log_dir / "init_model")
+        model_dir = prepare_tiny_model(cfg, data.train, log_dir / "init_model", template=data.template)
     device = cfg.policy.device if cfg.policy.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_policy(model_dir, text_only=cfg.policy.text_only).to(device)
     console.note(apply_freeze_config(model, cfg.policy.freeze_config).describe())
     if cfg.policy.activation_checkpointing:
         enable_activation_checkpointing(model)
     tokenizer = load_tokenizer(model_dir)
-
-    max_new = cfg.policy.generation.max_new_tokens
-    max_prompt = cfg.policy.max_total_sequence_length - max_new
-    template = cfg.data.prompt_template
-    train = tokenize_prompts(train_samples, tokenizer, template=template, max_prompt_tokens=max_prompt)
-    val: list[Prompt] = []
-    if cfg.data.validation is not None:
-        val_samples = load_samples(cfg.data.validation, split="validation")[: cfg.grpo.max_val_samples]
-        val = tokenize_prompts(val_samples, tokenizer, template=template, max_prompt_tokens=max_prompt)
+    train, val, data_metrics = tokenize_data(cfg, data, tokenizer, console)
 
     gen = cfg.policy.generation
     weight_dtype, autocast = GENERATOR_PRECISION[gen.dtype]
@@ -129,7 +172,7 @@ def build_run(cfg: RecipeConfig, *, console: Console) -> RunParts:
         temperature=gen.temperature,
         top_p=gen.top_p,
         top_k=gen.top_k,
-        max_new_tokens=max_new,
+        max_new_tokens=gen.max_new_tokens,
         stop_token_ids=tuple(gen.stop_token_ids) if gen.stop_token_ids is not None else stop_token_ids(model),
     )
     return RunParts(
@@ -144,4 +187,5 @@ def build_run(cfg: RecipeConfig, *, console: Console) -> RunParts:
         engine=engine,
         sampling_params=sampling,
         console=console,
+        data_metrics=data_metrics,
     )
