@@ -133,7 +133,8 @@ def test_math_environment_in_workers_matches_in_process():
 
 def test_math_environment_in_workers_kills_a_hung_verifier():
     # timeout_s=None: no signal.alarm, so only the pool's call timeout stops sympy's endless work
-    env = MathEnvironment(timeout_s=None, num_workers=1, call_timeout_s=1.5)  # the first call imports math-verify
+    # 5 s: the first call also imports math-verify and sympy, which a slow machine may take seconds for
+    env = MathEnvironment(timeout_s=None, num_workers=1, call_timeout_s=5.0)
     metadata = [{"ground_truth": "3", "origin": f"test:{i}"} for i in range(2)]
     try:
         assert env.score(["", ""], ["3", r"$9^{9^{9^{9}}}$"], metadata) == [1.0, 0.0]
