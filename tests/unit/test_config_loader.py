@@ -375,7 +375,7 @@ def test_typo_inside_a_discriminated_union_in_a_list() -> None:
 
 def test_unknown_discriminator_value_suggests_a_tag() -> None:
     message = config_error({"grpo": {"num_prompts_per_step": 4}, "envs": [{"type": "maths"}]})
-    assert "envs[0]: Input tag 'maths' found using 'type'" in message
+    assert "envs[0]: unknown 'type' 'maths'; expected one of 'math', 'code'" in message
     assert "did you mean 'math'?" in message
 
 

@@ -1,4 +1,4 @@
-"""The `posttrain` command: quickstart, train, validate."""
+"""The `posttrain` command: quickstart, train, validate, export."""
 
 from __future__ import annotations
 
@@ -27,6 +27,11 @@ def parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text)
         sub.add_argument("recipe", help="Path to a YAML recipe.")
         sub.add_argument("overrides", nargs="*", help="Dotted overrides key.path=value (values parsed as YAML).")
+
+    export = commands.add_parser("export", help="Write a run's checkpoint as a Hugging Face model directory.")
+    export.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT", help="A run directory (its latest checkpoint) or a checkpoints/step_<n>.")
+    export.add_argument("--out", required=True, help="Output directory (must not exist, or be empty).")
+    export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="Weight dtype (default: the fp32 masters).")
     return root
 
 
@@ -44,8 +49,8 @@ def run(cfg: RecipeConfig) -> int:
     from posttrain.loops.grpo import run_grpo
     from posttrain.metrics.console import Console
     from posttrain.models.freezing import FreezeConfigError
-    from posttrain.models.loading import CheckpointMismatchError, CheckpointNotFoundError
-    from posttrain.training.trainer import MasterWeightsError
+    from posttrain.models.loading import CheckpointMismatchError, CheckpointNotFoundError, RemoteCodeError
+    from posttrain.training.trainer import MasterWeightsError, NonFiniteTrainingError
 
     transformers_logging.disable_progress_bar()  # posttrain shows its own progress
     console = Console(enabled=cfg.logger.progress)
@@ -56,10 +61,12 @@ def run(cfg: RecipeConfig) -> int:
         DataError,
         CheckpointMismatchError,
         CheckpointNotFoundError,
+        RemoteCodeError,
         CheckpointOptimizerMismatchError,
         FreezeConfigError,
         MasterWeightsError,
         DynamicSamplingExhausted,
+        NonFiniteTrainingError,
     ) as error:
         # Problems with the user's data, checkpoint or settings: the message says what to do, a
         # traceback would only bury it. Checkpoints written so far stay usable for a resume.
@@ -74,12 +81,28 @@ def run(cfg: RecipeConfig) -> int:
             f"validation/accuracy: {accuracy[first]:.3f} at step {first} -> {accuracy[last]:.3f} at step {last} "
             f"({(accuracy[last] - accuracy[first]) * 100:+.1f} points)"
         )
-    console.note(f"done in {elapsed:.0f} s; run directory: {result.log_dir} (metrics.jsonl, tensorboard/, checkpoints/)")
+    final = ", final_model/" if cfg.checkpointing.export_final else ""
+    console.note(f"done in {elapsed:.0f} s; run directory: {result.log_dir} (metrics.jsonl, tensorboard/, checkpoints/{final})")
+    return 0
+
+
+def export(path: str, out: str, dtype: str) -> int:
+    from posttrain.checkpoint.export import ExportError, export_run
+    from posttrain.models.loading import CheckpointMismatchError, CheckpointNotFoundError, RemoteCodeError
+
+    try:
+        checkpoint, out_dir = export_run(path, out, dtype=dtype)
+    except (ConfigError, ExportError, CheckpointMismatchError, CheckpointNotFoundError, RemoteCodeError) as error:
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    print(f"exported {checkpoint} to {out_dir} ({dtype})", file=sys.stderr)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "export":
+        return export(args.path, args.out, args.dtype)
     try:
         if args.command == "quickstart":
             out = args.out or f"runs/quickstart-{datetime.now():%Y%m%d-%H%M%S}"

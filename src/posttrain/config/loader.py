@@ -48,6 +48,7 @@ _DEFAULTS_KEY = "defaults"
 _OVERRIDE_EXAMPLE = "grpo.num_prompts_per_step=64"
 _NULL_SPELLINGS = frozenset({"null", "Null", "NULL", "~"})
 _MAX_VALUE_CHARS = 60
+_KEY_MARKER = "[key]"  # pydantic's last location item when a mapping's key (not its value) is invalid
 
 
 class ConfigError(ValueError):
@@ -87,11 +88,25 @@ class _RecipeYamlLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_RecipeYamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+class _RecipeYamlDumper(yaml.SafeDumper):
+    """SafeDumper whose output reads back as it was: it knows `1e-6` reads as a float (and quotes
+    a string spelt like one), and writes the Unicode line breaks NEL, LS and PS escaped, which
+    PyYAML would otherwise write raw into a quoted string where they read back as a space."""
+
+    def represent_str(self, data: str) -> yaml.ScalarNode:
+        style = '"' if any(ch in data for ch in "\x85\u2028\u2029") else None
+        return self.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_RecipeYamlDumper.add_representer(str, _RecipeYamlDumper.represent_str)
+
+
+for _yaml_class in (_RecipeYamlLoader, _RecipeYamlDumper):
+    _yaml_class.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
 
 
 def _parse_yaml(text: str, source: str) -> Any:
@@ -116,6 +131,9 @@ def _read_mapping(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: recipe file not found") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read recipe ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at line {line}); save the recipe as UTF-8") from None
     data = _parse_yaml(text, str(path))
     if not isinstance(data, dict):
         got = "an empty file" if data is None else f"a {type(data).__name__}"
@@ -155,7 +173,10 @@ def _base_paths(entry: Any, path: Path) -> list[Path]:
         )
     bases = []
     for name in entries:
-        base = path.parent / Path(name).expanduser()  # an absolute name wins over the parent
+        try:
+            base = path.parent / Path(name).expanduser()  # an absolute name wins over the parent
+        except RuntimeError as exc:  # `~user/...` for a user without a home directory
+            raise ConfigError(f"{path}: `defaults` entry {name!r}: {exc}") from None
         if not base.is_file():
             raise ConfigError(f"{path}: `defaults` entry {name!r} not found (looked for {base})")
         bases.append(base)
@@ -273,7 +294,7 @@ def load_config(
 def dump_config(cfg: BaseModel) -> str:
     """The config as YAML, keys in field order; loading it back gives the same config."""
     data = cfg.model_dump(mode="json", by_alias=True)
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return yaml.dump(data, Dumper=_RecipeYamlDumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 def _format_validation_error(
@@ -290,31 +311,48 @@ def _format_validation_error(
 
 
 def _describe_error(error: Any, model: type[BaseModel], raw: Any) -> str:
-    path, sibling_keys = _locate(tuple(error["loc"]), model, raw)
+    path, sibling_keys, node = _locate(tuple(error["loc"]), model, raw)
     kind = error["type"]
     ctx = error.get("ctx") or {}
     value = error.get("input")
     if kind == "extra_forbidden":
-        return f"{path}: unknown key{_key_hint(str(error['loc'][-1]), sibling_keys)}"
+        key = str(error["loc"][-1])
+        if "." in key and key.split(".", 1)[0] in (sibling_keys or ()):
+            return f"{path}: unknown key; a dotted path is for command-line overrides, in YAML nest it: {_nested(key)}"
+        return f"{path}: unknown key{_key_hint(key, sibling_keys)}"
     if kind == "missing":
         return f"{path}: required key missing"
     message = error["msg"].removeprefix("Value error, ")
+    if error["loc"][-1:] == (_KEY_MARKER,):  # a mapping key of the wrong type (e.g. `1:` in a dict[str, ...])
+        return f"{path}: invalid key: {message} (got {_short(value)})"
     if kind in ("value_error", "assertion_error") and isinstance(value, Mapping):
         return f"{path}: {message}"  # a model_validator: the input is the whole section
-    if kind == "union_tag_invalid" and isinstance(ctx.get("tag"), str):
-        return f"{path}: {message}{_choice_hint(ctx['tag'], ctx.get('expected_tags', ''))}"
+    if kind == "union_tag_invalid" and isinstance(ctx.get("tag"), str):  # pydantic's message holds the tag raw
+        hint = _choice_hint(ctx["tag"], ctx.get("expected_tags", ""))
+        return f"{path}: unknown {ctx.get('discriminator', 'type')} {_short(ctx['tag'])}; expected one of {ctx.get('expected_tags')}{hint}"
     if kind == "union_tag_not_found":
-        return f"{path}: {message}"
+        tags = sorted(_union_tags(node))
+        choices = f": one of {', '.join(map(repr, tags))}" if tags else ""
+        return f"{path}: needs a {ctx.get('discriminator', 'type')} key that says which kind of section it is{choices}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{path}: must be a mapping of keys to values (got {_short(value)})"
     hint = ""
     if kind == "literal_error" and isinstance(value, str):
         hint = _choice_hint(value, ctx.get("expected", ""))
     return f"{path}: {message} (got {_short(value)}){hint}"
 
 
+def _nested(dotted: str) -> str:
+    """`a.b.c` as YAML flow mappings: `a: {b: {c: ...}}`."""
+    head, *rest = dotted.split(".")
+    return f"{head}: " + "".join(f"{{{part}: " for part in rest) + "..." + "}" * len(rest)
+
+
 def _key_hint(key: str, valid: list[str] | None) -> str:
     if not valid:
         return ""
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    same_but_case = [name for name in valid if name.lower() == key.lower()]
+    close = same_but_case or difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     if close:
         return f"; did you mean {close[0]!r}?"
     return f"; valid keys here: {', '.join(valid)}"
@@ -345,8 +383,8 @@ class _Node:
     discriminator: str | None = None
 
 
-def _locate(loc: tuple[Any, ...], model: type[BaseModel], raw: Any) -> tuple[str, list[str] | None]:
-    """Display path of a pydantic error location, and the valid keys where it ends.
+def _locate(loc: tuple[Any, ...], model: type[BaseModel], raw: Any) -> tuple[str, list[str] | None, _Node]:
+    """Display path of a pydantic error location, the valid keys where it ends, and the node there.
 
     pydantic puts union member tags (`'math'`, `'MyModel'`, `'list[int]'`) into locations; the
     walk follows the annotations and the raw data to drop them, so paths read as recipe keys.
@@ -370,11 +408,31 @@ def _locate(loc: tuple[Any, ...], model: type[BaseModel], raw: Any) -> tuple[str
             node = _Node(tuple(members), node.raw)
             index += 1
             continue
+        if item == _KEY_MARKER and index == len(loc) - 1:
+            break  # the key itself is the problem: the path ends at it
         keys_here = _keys_of(node.annotation)
-        parts.append(f"[{item}]" if isinstance(item, int) else f".{item}")
+        # An int is a list index, or an integer key of a mapping (`0:` in YAML).
+        parts.append(f"[{item}]" if isinstance(item, int) and not isinstance(node.raw, Mapping) else f".{_key_text(item)}")
         node = _child(node, item)
         index += 1
-    return "".join(parts).lstrip(".") or ROOT_LOCATION, keys_here
+    return "".join(parts).lstrip(".") or ROOT_LOCATION, keys_here, node
+
+
+def _union_tags(node: _Node) -> set[str]:
+    """The discriminator values of a discriminated union of models (e.g. a data source's types)."""
+    node = _unwrap(node)
+    tags: set[str] = set()
+    for member in _union_members(node.annotation):
+        tags |= {name for name in _member_names(member, node.discriminator) if isinstance(name, str)}
+        if isinstance(member, type):
+            tags.discard(member.__name__)
+    return tags
+
+
+def _key_text(key: Any) -> str:
+    """A key as the path shows it: quoted when it would not read as one key (empty, dots, spaces, control characters)."""
+    text = str(key)
+    return text if text and text.isprintable() and text.strip() == text and "." not in text else repr(text)
 
 
 def _unwrap(node: _Node) -> _Node:

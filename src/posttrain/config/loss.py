@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class LossConfig(BaseModel):
     """Clipped policy-gradient loss, see `posttrain.algorithms.pg_loss.clipped_pg_loss`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # nan/inf are never a meaningful setting
 
     ratio_clip_min: float = Field(
         0.2,

@@ -15,7 +15,8 @@ from posttrain.config.loss import LossConfig
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # nan/inf are never a meaningful setting (a nan reward bound would poison every reward silently).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------- policy
@@ -89,6 +90,13 @@ class PolicyConfig(Section):
     text_only: bool = Field(
         False,
         description="Load only the language model of a multimodal checkpoint (its real weights; towers dropped).",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description=(
+            "Allow the checkpoint's own Python code (auto_map) to run; off unless you trust the checkpoint. Off, a "
+            "checkpoint that names custom code is refused with an error."
+        ),
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where trainer and generator run; auto: cuda if available.")
     precision: Literal["float32", "bfloat16"] = Field(
@@ -344,6 +352,14 @@ class GRPOConfig(Section):
     max_val_samples: int | None = Field(None, ge=1, description="Use only the first validation prompts; null: all.")
     val_temperature: float | None = Field(None, ge=0, description="Sampling temperature for validation; 0 greedy; null: generation's.")
     seed: int = Field(42, description="Seeds sampling, data order and initialization; runs are reproducible from it.")
+    max_consecutive_nonfinite_steps: int = Field(
+        3,
+        ge=1,
+        description=(
+            "An optimizer step whose loss or gradient norm is NaN/inf is skipped (no update, counted in "
+            "train/skipped_nonfinite_steps); stop with an error after this many skipped in a row."
+        ),
+    )
 
 
 class WarmStartConfig(Section):
@@ -379,6 +395,13 @@ class CheckpointingConfig(Section):
     checkpoint_dir: str | None = Field(None, description="null: <log_dir>/checkpoints.")
     save_period: int = Field(10, ge=1, description="Save every this many steps (and at the end).")
     keep_top_k: int | None = Field(2, ge=1, description="Keep the newest k checkpoints.")
+    export_final: bool = Field(
+        True,
+        description="At the end of the run, write the weights as a Hugging Face directory <log_dir>/final_model.",
+    )
+    export_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Weight dtype of that export; float32: the trainer's master weights, exactly."
+    )
 
 
 class RecipeConfig(Section):

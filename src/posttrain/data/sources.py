@@ -6,16 +6,18 @@ fails before any model is loaded, with an error naming the file and the row.
 Row indices in errors and in `Sample.origin` ("train.jsonl:17") are 0-based positions in the
 file's rows; only malformed-JSON errors speak of 1-based *line* numbers, as editors do.
 
-A malformed row (a missing or empty prompt, an answer that is not a string or number, ...) goes
-to the source's `BadRows`: an error by default (`data.on_bad_row: error`), or recorded and
-skipped (`skip`). Problems with the file itself (missing, unreadable, malformed JSON, a missing
-column, no rows) are always errors, as is a file whose every row is malformed.
+A malformed row (a missing or empty prompt, an answer that is not a string or a finite number,
+text that is not valid UTF-8, ...) goes to the source's `BadRows`: an error by default
+(`data.on_bad_row: error`), or recorded and skipped (`skip`). Problems with the file itself
+(missing, unreadable, malformed JSON, a JSON line that is not an object, a missing column, no
+rows) are always errors, as is a file whose every row is malformed.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,14 +50,22 @@ class BadRows:
         self.skipped.append(str(error))
 
 
+@dataclass(frozen=True)
+class UndecodableRow:
+    """Stands in for a row whose text is not valid UTF-8 (see `first_rows`); a bad row."""
+
+    error: UnicodeDecodeError
+
+
 def convert_rows(
-    rows: list[dict[str, Any]],
+    rows: list[dict[str, Any] | UndecodableRow],
     convert: Callable[[int, dict[str, Any]], Sample],
     bad_rows: BadRows,
     *,
     source: str,
 ) -> list[Sample]:
-    """`convert(index, row)` for each row; a `DataError` it raises goes to `bad_rows`.
+    """`convert(index, row)` for each row; a `DataError` it raises, or an `UndecodableRow`, goes
+    to `bad_rows`.
 
     Raises:
         DataError: every row was malformed (only reachable when bad rows are skipped).
@@ -63,6 +73,8 @@ def convert_rows(
     samples, first_bad = [], len(bad_rows.skipped)
     for index, row in enumerate(rows):
         try:
+            if isinstance(row, UndecodableRow):
+                raise _undecodable(row.error, source, index)
             samples.append(convert(index, row))
         except DataError as error:
             bad_rows.handle(error)
@@ -190,29 +202,82 @@ def read_data_file(path: Path) -> Any:
     return dataset
 
 
-def first_rows(dataset: Any, limit: int | None) -> list[dict[str, Any]]:
-    """The first `limit` rows (all when None) as plain dicts; images stay undecoded {bytes, path}."""
+def first_rows(dataset: Any, limit: int | None) -> list[dict[str, Any] | UndecodableRow]:
+    """The first `limit` rows (all when None) as plain dicts; images stay undecoded {bytes, path}.
+
+    Arrow keeps a string that is not valid UTF-8 (a JSON-lines file in another encoding) as it
+    was read and fails only when it is turned into Python; such a row comes back as an
+    `UndecodableRow`, for `convert_rows` to report or skip with the others.
+    """
     if limit is not None and limit < len(dataset):
         dataset = dataset.select(range(limit))
-    return dataset.to_list()
+    try:
+        return dataset.to_list()
+    except UnicodeDecodeError:
+        pass
+    rows: list[dict[str, Any] | UndecodableRow] = []
+    for index in range(len(dataset)):  # row by row, only on this rare path: slower
+        try:
+            rows.append(dataset[index])
+        except UnicodeDecodeError as error:
+            rows.append(UndecodableRow(error))
+    return rows
+
+
+def _undecodable(error: UnicodeDecodeError, source: str, index: int) -> DataError:
+    line = _json_line_of_row(Path(source), index)
+    return DataError(
+        f"{source} row {index}{f' (line {line})' if line else ''}: text that is not valid UTF-8 "
+        f"(byte {error.object[error.start]:#04x} at position {error.start} of a value); re-encode the file "
+        "as UTF-8, or skip such rows with data.on_bad_row: skip"
+    )
+
+
+def _json_line_of_row(path: Path, index: int) -> int | None:
+    """The 1-based line of row `index` of a JSON-lines file (its index-th non-blank line); None
+    for any other source."""
+    if path.suffix.lower() not in (".jsonl", ".json") or not path.is_file():
+        return None
+    row = -1
+    with path.open("rb") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if line.strip():
+                row += 1
+                if row == index:
+                    return line_number
+    return None
 
 
 def _raise_on_malformed_json_line(path: Path, error: Exception) -> None:
     """Find the first line of a JSON-lines file that json.loads rejects and raise naming it.
 
-    datasets' JSON reader reports a byte offset inside a block, not a line, so we rescan.
-    Returns without raising when every line parses (e.g. the file is one JSON document).
+    datasets' JSON reader reports a byte offset inside a block, not a line, so we rescan. A line
+    that is not UTF-8 (a UTF-16 file), or valid JSON but not an object (`[1, 2]`, `"text"`), is
+    not a row either. Returns without raising when every line is an object (e.g. the file is one
+    JSON document).
     """
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for line_number, raw_line in enumerate(lines, start=1):
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as decode_error:
+                raise DataError(
+                    f"{path} line {line_number}: not valid UTF-8 (byte {raw_line[decode_error.start]:#04x} at column "
+                    f"{decode_error.start + 1}); re-encode the file as UTF-8"
+                ) from error
             if not line.strip():
                 continue
             try:
-                json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as line_error:
                 raise DataError(
                     f"{path} line {line_number}: malformed JSON ({line_error.msg} at column "
                     f"{line_error.colno}): {line.strip()[:200]!r}"
+                ) from error
+            if not isinstance(value, dict):
+                raise DataError(
+                    f"{path} line {line_number}: a JSON-lines row must be an object {{\"column\": value, ...}}, "
+                    f"got {_short(value)}"
                 ) from error
 
 
@@ -244,9 +309,11 @@ def _row_to_sample(
 
 
 def answer_text(answer: Any, *, where: str, key: str) -> str:
-    """A reference answer as a string: strings as they are, numbers through str()."""
+    """A reference answer as a string: strings as they are, finite numbers through str()."""
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
         raise DataError(f"{where}: {key!r} must be a string or a number, got {answer!r}")
+    if isinstance(answer, float) and not math.isfinite(answer):
+        raise DataError(f"{where}: {key!r} must be a finite number, got {answer!r}")  # NaN: a missing value
     return str(answer)
 
 

@@ -195,10 +195,12 @@ def check_components(components: Any) -> list[ComponentSpec]:
         unknown, missing = spec.keys() - _COMPONENT_KEYS, {"name", "weight"} - spec.keys()
         if unknown or missing:
             raise ValueError(
-                f"{where}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}; "
+                f"{where}: unknown keys {sorted(unknown, key=str)}, missing keys {sorted(missing)}; "
                 f"keys are {sorted(_COMPONENT_KEYS)}"
             )
         name, weight = spec["name"], spec["weight"]
+        if not isinstance(name, str):
+            raise ValueError(f"{where}: name must be an environment name (a string), got {name!r}")
         where = f"{where} ({name!r})"
         if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
             raise ValueError(f"{where}: weight must be a finite number, got {weight!r}")

@@ -23,6 +23,9 @@ positions, but it changes the scores of a model with absolute position embedding
 config without pad_token_id is rejected: transformers cannot batch it. Sequences are sorted by
 length before batching, to pad less.
 
+Code: a checkpoint whose configs name Python code of its own (auto_map) is refused unless
+trust_remote_code=True (see `posttrain.models.loading.check_remote_code`).
+
 Length: with max_length set, a longer sequence keeps its LAST max_length tokens (the end of the
 response, where the score is read), counted in env/reward_model_truncated; None: no limit.
 
@@ -58,6 +61,7 @@ class RewardModelEnvironment:
         max_length: int | None = None,
         dtype: Dtype = "float32",
         input_format: InputFormat = "auto",
+        trust_remote_code: bool = False,
     ) -> None:
         import torch
         from transformers import AutoTokenizer
@@ -72,13 +76,16 @@ class RewardModelEnvironment:
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
         if input_format not in ("auto", "chat", "plain"):
             raise ValueError(f"input_format must be 'auto', 'chat' or 'plain', got {input_format!r}")
+        if not isinstance(trust_remote_code, bool):
+            raise ValueError(f"trust_remote_code must be true or false, got {trust_remote_code!r}")
         self.device = _check_device(device)
         self.batch_size = batch_size
         self.max_length = max_length
 
-        self.model = load_reward_model(model, dtype=getattr(torch, dtype)).to(self.device)
+        self.model = load_reward_model(model, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+        self.model = self.model.to(self.device)
         self.pad_token_id: int = self.model.config.get_text_config().pad_token_id
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
         has_template = self.tokenizer.chat_template is not None
         if input_format == "chat" and not has_template:
             raise ValueError(f"{model}: input_format='chat' but the reward model's tokenizer has no chat template")
@@ -141,17 +148,24 @@ class RewardModelEnvironment:
         return scores
 
 
-def load_reward_model(path: str | Path, *, dtype: torch.dtype) -> torch.nn.Module:
-    """A frozen sequence-classification model with one output, from a local safetensors checkpoint."""
+def load_reward_model(path: str | Path, *, dtype: torch.dtype, trust_remote_code: bool = False) -> torch.nn.Module:
+    """A frozen sequence-classification model with one output, from a local safetensors checkpoint;
+    the checkpoint's own code runs only with `trust_remote_code`."""
     from transformers import AutoModelForSequenceClassification
 
-    from posttrain.models.loading import CheckpointMismatchError, _check_checkpoint_dir, _quiet_transformers
+    from posttrain.models.loading import (
+        CheckpointMismatchError,
+        _check_checkpoint_dir,
+        _quiet_transformers,
+        check_remote_code,
+    )
 
     path = Path(path)
     _check_checkpoint_dir(path)
+    check_remote_code(path, trust_remote_code=trust_remote_code)
     with _quiet_transformers():
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, output_loading_info=True
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True
         )
     problems = {
         kind: sorted(str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get(key) or [])

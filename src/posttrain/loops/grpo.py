@@ -18,6 +18,7 @@ from safetensors.torch import load_model, save_model
 from posttrain.algorithms.advantages import group_advantages
 from posttrain.algorithms.dynamic_sampling import DynamicSamplingBuffer, informative_groups
 from posttrain.algorithms.reward_shaping import overlong_filter_mask
+from posttrain.checkpoint.export import FINAL_MODEL_DIR, export_hf
 from posttrain.checkpoint.store import latest_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.config.schema import RecipeConfig
 from posttrain.loops.rollouts import generate_and_score
@@ -25,7 +26,7 @@ from posttrain.loops.setup import RunParts, build_run
 from posttrain.loops.validation import validate
 from posttrain.metrics.console import Console
 from posttrain.metrics.logger import MetricsLogger
-from posttrain.training.trainer import PolicyTrainer, TrainBatch
+from posttrain.training.trainer import NonFiniteTrainingError, PolicyTrainer, TrainBatch
 
 
 @dataclass
@@ -130,6 +131,55 @@ def collect_step_groups(
     return kept, metrics
 
 
+def restore(checkpoint: Path, parts: RunParts, trainer: PolicyTrainer, buffer: DynamicSamplingBuffer) -> int:
+    """Resume exactly where `checkpoint` left off: weights, optimizer, scheduler, RNG, data
+    position, dynamic-sampling carry-over and the non-finite streak. Returns its step."""
+    loop_state = load_checkpoint(checkpoint, model=parts.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler)
+    changed = trainer.apply_optimizer_config()
+    if changed:
+        parts.console.note(f"resume: this run's policy.optimizer settings replace the checkpoint's: {', '.join(changed)}")
+    parts.train_prompts.load_state_dict(loop_state["data"])
+    buffer.load_state_dict(loop_state["dynamic_sampling"])
+    # Checkpoints written before the counter existed never saved a streak: 0 is their true value.
+    trainer.consecutive_nonfinite_steps = loop_state.get("consecutive_nonfinite_steps", 0)
+    parts.engine.refresh_weights(parts.model.named_parameters())
+    return loop_state["step"]
+
+
+def save(parts: RunParts, trainer: PolicyTrainer, buffer: DynamicSamplingBuffer, step: int) -> None:
+    loop_state = {
+        "step": step,
+        "data": parts.train_prompts.state_dict(),
+        "dynamic_sampling": buffer.state_dict(),
+        "consecutive_nonfinite_steps": trainer.consecutive_nonfinite_steps,
+    }
+    save_checkpoint(
+        parts.checkpoint_dir,
+        step,
+        model=parts.model,
+        optimizer=trainer.optimizer,
+        scheduler=trainer.scheduler,
+        loop_state=loop_state,
+        keep_top_k=parts.cfg.checkpointing.keep_top_k,
+    )
+
+
+def check_nonfinite_streak(consecutive: int, limit: int, *, step: int, checkpoint_dir: Path) -> None:
+    """Raise `NonFiniteTrainingError` once `limit` optimizer steps in a row were skipped. Skipped
+    steps never change the weights, so every checkpoint on disk holds finite, usable ones."""
+    if consecutive < limit:
+        return
+    checkpoint = latest_checkpoint(checkpoint_dir)
+    where = f"the latest checkpoint is {checkpoint}" if checkpoint is not None else "no checkpoint was saved yet"
+    raise NonFiniteTrainingError(
+        f"step {step}: the last {consecutive} optimizer steps had a non-finite loss or gradient norm and were "
+        f"skipped (grpo.max_consecutive_nonfinite_steps: {limit}), so the run stops. The weights never took a "
+        f"non-finite update; {where}. Try a lower policy.optimizer.lr or policy.max_grad_norm, check the data and "
+        "the environment's rewards for NaN/inf, or train with policy.precision: float32; `posttrain train` with "
+        "the changed recipe resumes from the checkpoint with the new settings."
+    )
+
+
 def run_grpo(cfg: RecipeConfig, *, console: Console) -> RunResult:
     parts: RunParts = build_run(cfg, console=console)
     grpo, policy = cfg.grpo, cfg.policy
@@ -150,11 +200,7 @@ def run_grpo(cfg: RecipeConfig, *, console: Console) -> RunResult:
     start_step, validation_accuracy = 0, {}
     first_record = dict(parts.data_metrics)  # data/* counts, logged once with this run's first record
     if checkpoint is not None:
-        loop_state = load_checkpoint(checkpoint, model=parts.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler)
-        start_step = loop_state["step"]
-        parts.train_prompts.load_state_dict(loop_state["data"])
-        buffer.load_state_dict(loop_state["dynamic_sampling"])
-        parts.engine.refresh_weights(parts.model.named_parameters())
+        start_step = restore(checkpoint, parts, trainer, buffer)
         logger.truncate_after(start_step)
         console.note(f"resumed from {checkpoint} (step {start_step})")
     elif grpo.val_at_start and parts.val_prompts:
@@ -165,42 +211,41 @@ def run_grpo(cfg: RecipeConfig, *, console: Console) -> RunResult:
         console.step_line(0, val)
 
     console.start_progress("RL", total=grpo.max_num_steps, completed=start_step)
-    for step in range(start_step + 1, grpo.max_num_steps + 1):
-        step_start = time.perf_counter()
-        kept, metrics = collect_step_groups(parts, cfg, buffer, step)
-        metrics.update(parts.env.pop_metrics())
+    try:
+        for step in range(start_step + 1, grpo.max_num_steps + 1):
+            step_start = time.perf_counter()
+            kept, metrics = collect_step_groups(parts, cfg, buffer, step)
+            metrics.update(parts.env.pop_metrics())
 
-        train_start = time.perf_counter()
-        train_metrics = trainer.train(to_train_batch(kept, cfg), temperature=parts.sampling_params.temperature)
-        metrics.update({f"train/{key}": value for key, value in train_metrics.items()})
-        metrics["timing/training"] = time.perf_counter() - train_start
+            train_start = time.perf_counter()
+            train_metrics = trainer.train(to_train_batch(kept, cfg), temperature=parts.sampling_params.temperature)
+            metrics.update({f"train/{key}": value for key, value in train_metrics.items()})
+            metrics["timing/training"] = time.perf_counter() - train_start
 
-        refresh_start = time.perf_counter()
-        parts.engine.refresh_weights(parts.model.named_parameters())
-        metrics["timing/weight_refresh"] = time.perf_counter() - refresh_start
-        metrics["timing/total_step"] = time.perf_counter() - step_start
+            refresh_start = time.perf_counter()
+            parts.engine.refresh_weights(parts.model.named_parameters())
+            metrics["timing/weight_refresh"] = time.perf_counter() - refresh_start
+            metrics["timing/total_step"] = time.perf_counter() - step_start
 
-        is_last = step == grpo.max_num_steps
-        if parts.val_prompts and ((grpo.val_period and step % grpo.val_period == 0) or (is_last and grpo.val_at_end)):
-            val = validate(parts, cfg, step=step)
-            validation_accuracy[step] = val["validation/accuracy"]
-            metrics.update(val)
-        logger.log(step, {**first_record, **metrics})
-        first_record = {}
-        console.step_line(step, metrics)
-        console.advance()
+            is_last = step == grpo.max_num_steps
+            if parts.val_prompts and ((grpo.val_period and step % grpo.val_period == 0) or (is_last and grpo.val_at_end)):
+                val = validate(parts, cfg, step=step)
+                validation_accuracy[step] = val["validation/accuracy"]
+                metrics.update(val)
+            logger.log(step, {**first_record, **metrics})
+            first_record = {}
+            console.step_line(step, metrics)
+            console.advance()
 
-        if cfg.checkpointing.enabled and (step % cfg.checkpointing.save_period == 0 or is_last):
-            loop_state = {"step": step, "data": parts.train_prompts.state_dict(), "dynamic_sampling": buffer.state_dict()}
-            save_checkpoint(
-                parts.checkpoint_dir,
-                step,
-                model=parts.model,
-                optimizer=trainer.optimizer,
-                scheduler=trainer.scheduler,
-                loop_state=loop_state,
-                keep_top_k=cfg.checkpointing.keep_top_k,
-            )
+            limit = grpo.max_consecutive_nonfinite_steps
+            check_nonfinite_streak(trainer.consecutive_nonfinite_steps, limit, step=step, checkpoint_dir=parts.checkpoint_dir)
+            if cfg.checkpointing.enabled and (step % cfg.checkpointing.save_period == 0 or is_last):
+                save(parts, trainer, buffer, step)
+    finally:
+        logger.close()
     console.stop_progress()
-    logger.close()
+    if cfg.checkpointing.export_final:
+        out = parts.log_dir / FINAL_MODEL_DIR  # this run's own: a resumed or re-run run replaces it
+        export_hf(parts.model, parts.tokenizer, out, dtype=cfg.checkpointing.export_dtype, overwrite=True)
+        console.note(f"final weights exported to {out} (a Hugging Face directory)")
     return RunResult(log_dir=parts.log_dir, validation_accuracy=validation_accuracy)

@@ -3,6 +3,10 @@
 The result is a dict of tensors whose first dimension indexes prompt groups (P), padded to a
 fixed width W = policy.max_total_sequence_length so that groups from different generation
 batches (dynamic sampling) concatenate.
+
+An empty response (nothing but special tokens, e.g. the model ends its turn at once, or only
+whitespace) is kept: the environment scores it like any other (a verifier finds no answer: 0),
+it trains like any other, and it is counted in train/empty_responses.
 """
 
 from __future__ import annotations
@@ -43,12 +47,16 @@ def generate_and_score(
     num_generations: int,
     width: int,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Sample `num_generations` responses per prompt and score them. Tensors are [P, G, ...]."""
-    timings = {}
+    """Sample `num_generations` responses per prompt and score them. Tensors are [P, G, ...].
+
+    The second result holds additive metrics, which the caller sums over generation batches:
+    timings in seconds and train/empty_responses (a count of responses).
+    """
+    metrics: dict[str, float] = {}
     start = time.perf_counter()
     repeated = [prompt for prompt in prompts for _ in range(num_generations)]
     rollouts = engine.generate([p.token_ids for p in repeated], params)
-    timings["timing/generation"] = time.perf_counter() - start
+    metrics["timing/generation"] = time.perf_counter() - start
 
     start = time.perf_counter()
     responses = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in rollouts]
@@ -56,7 +64,8 @@ def generate_and_score(
         env.score([p.text for p in repeated], responses, [scoring_metadata(p.sample) for p in repeated]),
         dtype=torch.float32,
     )
-    timings["timing/scoring"] = time.perf_counter() - start
+    metrics["timing/scoring"] = time.perf_counter() - start
+    metrics["train/empty_responses"] = float(sum(not response.strip() for response in responses))
 
     lengths_N = torch.tensor([len(r.token_ids) for r in rollouts], dtype=torch.float32)
     truncated_N = torch.tensor([r.finish_reason == "length" for r in rollouts])
@@ -84,4 +93,4 @@ def generate_and_score(
         lengths=grouped(lengths_N),
         truncated=grouped(truncated_N),
     )
-    return groups, timings
+    return groups, metrics

@@ -156,11 +156,12 @@ def build_run(cfg: RecipeConfig, *, console: Console) -> RunParts:
     else:
         model_dir = prepare_tiny_model(cfg, data.train, log_dir / "init_model", template=data.template)
     device = cfg.policy.device if cfg.policy.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_policy(model_dir, text_only=cfg.policy.text_only).to(device)
+    trust = cfg.policy.trust_remote_code
+    model = load_policy(model_dir, text_only=cfg.policy.text_only, trust_remote_code=trust).to(device)
     console.note(apply_freeze_config(model, cfg.policy.freeze_config).describe())
     if cfg.policy.activation_checkpointing:
         enable_activation_checkpointing(model)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust)
     train, val, data_metrics = tokenize_data(cfg, data, tokenizer, console)
 
     gen = cfg.policy.generation

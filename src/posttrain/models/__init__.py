@@ -14,6 +14,7 @@ from posttrain.models.freezing import FreezeConfigError, apply_freeze_config
 from posttrain.models.loading import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
+    RemoteCodeError,
     load_policy,
     load_processor,
     load_tokenizer,
@@ -27,6 +28,7 @@ __all__ = [
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "FreezeConfigError",
+    "RemoteCodeError",
     "apply_freeze_config",
     "enable_activation_checkpointing",
     "family_for",

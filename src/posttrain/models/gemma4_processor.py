@@ -79,7 +79,7 @@ def load_gemma4_processor(path: str | Path) -> Gemma4ProcessorWithoutVideo:
     """
     path = Path(path)
     config = json.loads((path / "processor_config.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # Gemma 4's own tokenizer, never custom code
     return Gemma4ProcessorWithoutVideo(
         feature_extractor=Gemma4AudioFeatureExtractor.from_pretrained(path),
         image_processor=Gemma4ImageProcessorPil.from_pretrained(path),

@@ -1,6 +1,10 @@
 """Loading a local Hugging Face checkpoint directory as a trainable policy.
 
-Weights load from safetensors only (single file or sharded with an index). The model class and
+Weights load from safetensors only (single file or sharded with an index): a pickle file
+(`pytorch_model.bin`, `*.pt`) is never read, even beside the safetensors. A checkpoint's own
+Python code (an `auto_map` in one of its JSON configs) never runs unless the caller passes
+`trust_remote_code=True` (recipe: `policy.trust_remote_code`); without it such a checkpoint is a
+`RemoteCodeError`, raised before transformers reads anything. The model class and
 the checkpoint-key rules come from the model's family (`posttrain.models.registry`). After the
 rules, any missing, unexpected or shape-mismatched weight is a `CheckpointMismatchError` listing
 the keys, never a silently random-initialized model; the only keys a load may leave out are the
@@ -11,7 +15,9 @@ transformers itself marks as unused (e.g. Gemma 4's KV-shared layers' k/v projec
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -30,6 +36,53 @@ class CheckpointMismatchError(ValueError):
 
 class CheckpointNotFoundError(FileNotFoundError):
     """The path is not a Hugging Face checkpoint directory with safetensors weights."""
+
+
+class RemoteCodeError(ValueError):
+    """The checkpoint ships Python code of its own and the caller did not allow running it."""
+
+
+# JSON files of a checkpoint that are data, not settings: transformers reads no auto_map from them.
+_NOT_SETTINGS = ("tokenizer.json", SHARD_INDEX)
+
+
+def _auto_maps(value: Any, where: str = "") -> list[str]:
+    """Key paths of every `auto_map` in a parsed JSON value (processor configs nest them)."""
+    if isinstance(value, dict):
+        found = [f"{where}auto_map"] if "auto_map" in value else []
+        return found + [path for key, child in value.items() for path in _auto_maps(child, f"{where}{key}.")]
+    if isinstance(value, list):
+        return [path for index, child in enumerate(value) for path in _auto_maps(child, f"{where}{index}.")]
+    return []
+
+
+def check_remote_code(path: str | Path, *, trust_remote_code: bool) -> None:
+    """Refuse a checkpoint whose configs name custom code (`auto_map`) unless `trust_remote_code`.
+
+    transformers runs the Python files an `auto_map` names when trust_remote_code=True and, when
+    it is left unset, may even ask on stdin; posttrain always passes an explicit value and checks
+    here first, so that an untrusted checkpoint fails with one clear error whatever transformers'
+    rules for its model type are.
+    """
+    if trust_remote_code:
+        return
+    path = Path(path)
+    found = []
+    for file in sorted(path.glob("*.json")):
+        if file.name in _NOT_SETTINGS:
+            continue
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # not valid JSON: transformers reports it when it reads the file
+        found += [f"{file.name}: {key}" for key in _auto_maps(data)]
+    if found:
+        raise RemoteCodeError(
+            f"{path}: the checkpoint ships its own Python code ({'; '.join(found)}), and posttrain does not run a "
+            "checkpoint's code unless allowed: set policy.trust_remote_code: true (the reward_model environment: "
+            "trust_remote_code: true) only for a checkpoint you trust. If transformers supports the architecture "
+            "itself, deleting the auto_map entries loads it with transformers' own code instead."
+        )
 
 
 @contextlib.contextmanager
@@ -56,16 +109,20 @@ def _check_checkpoint_dir(path: Path) -> None:
         )
 
 
-def load_policy(path: str | Path, *, text_only: bool = False, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def load_policy(
+    path: str | Path, *, text_only: bool = False, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> torch.nn.Module:
     """Load a causal LM (or, for a multimodal checkpoint, its multimodal model) with `dtype` weights.
 
     `dtype` defaults to fp32: the trainer's master weights, whatever dtype the checkpoint stores.
     `text_only=True` loads only the language model of a multimodal checkpoint: its real weights,
-    renamed by the family's key rules; the towers' weights are dropped.
+    renamed by the family's key rules; the towers' weights are dropped. `trust_remote_code`: run
+    the checkpoint's own modeling code (see `check_remote_code`).
     """
     path = Path(path)
     _check_checkpoint_dir(path)
-    config = AutoConfig.from_pretrained(path)
+    check_remote_code(path, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     family = family_for(config)
     model_class, model_config = family.model_class_and_config(config, text_only=text_only)
     loads_text_only = family.is_multimodal(config) and text_only
@@ -76,6 +133,7 @@ def load_policy(path: str | Path, *, text_only: bool = False, dtype: torch.dtype
             config=model_config,
             dtype=dtype,
             use_safetensors=True,
+            trust_remote_code=trust_remote_code,
             output_loading_info=True,
             key_mapping={f"^(?:{rule.pattern})": rule.replacement for rule in rules} or None,  # as map_checkpoint_key
         )
@@ -94,8 +152,9 @@ def load_policy(path: str | Path, *, text_only: bool = False, dtype: torch.dtype
     return model
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(path)
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    check_remote_code(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.chat_template is None:
         raise ValueError(f"{path}: the tokenizer has no chat template; posttrain renders prompts with it")
     if tokenizer.pad_token_id is None:
@@ -103,13 +162,14 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_processor(path: str | Path) -> ProcessorMixin:
+def load_processor(path: str | Path, *, trust_remote_code: bool = False) -> ProcessorMixin:
     """The multimodal processor saved with a checkpoint (images -> pixel values + placeholder tokens)."""
     path = Path(path)
-    family = family_for(AutoConfig.from_pretrained(path))
+    check_remote_code(path, trust_remote_code=trust_remote_code)
+    family = family_for(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
     if family.load_processor is not None:
-        return family.load_processor(path)
-    return AutoProcessor.from_pretrained(path)
+        return family.load_processor(path)  # a family's own processor classes: no remote code
+    return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def stop_token_ids(model: torch.nn.Module) -> tuple[int, ...]:

@@ -5,11 +5,18 @@ advantages, generator logprobs) and the loss config, and owns the only place whe
 normalized: each optimizer step's token (or sequence) count over the whole step's samples is
 computed once and handed to every micro-batch's loss, so accumulation over micro-batches gives
 exactly the full-batch loss and gradient whatever the micro-batch size.
+
+A step whose loss or gradient norm is not finite is skipped whole: no backward after the
+non-finite loss, gradients zeroed, no optimizer update (weights and Adam moments stay bit for
+bit what they were), so the weights are never poisoned and any checkpoint holds finite ones. The
+lr schedule still advances (it counts attempted steps). `consecutive_nonfinite_steps` counts the
+skips in a row; the loop decides when there were too many.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,6 +32,10 @@ from posttrain.models.logprobs import token_logprobs
 
 class MasterWeightsError(TypeError):
     """Raised when trainable weights are not fp32: optimizer updates would be silently lost to rounding."""
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Raised by the loop after grpo.max_consecutive_nonfinite_steps optimizer steps in a row were skipped."""
 
 
 def assert_fp32_master_weights(model: torch.nn.Module) -> None:
@@ -110,6 +121,28 @@ class PolicyTrainer:
                 decay=policy.scheduler.decay,
             ),
         )
+        self.consecutive_nonfinite_steps = 0  # optimizer steps skipped in a row (non-finite loss or grad norm)
+
+    def apply_optimizer_config(self) -> list[str]:
+        """After a resume: use this run's optimizer settings, not the checkpoint's (loading the
+        optimizer's state restores the lr, betas, eps and weight decay it was saved with), so that
+        a run restarted with, say, a lower lr trains with it. The lr keeps its schedule position.
+        Returns the settings that changed; with none changed nothing is touched (exact resume)."""
+        opt = self.policy.optimizer
+        wanted = {"betas": tuple(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay}
+        changed = set()
+        for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            if base_lr != opt.lr:
+                changed.add(f"lr {base_lr:g} -> {opt.lr:g}")
+            saved = {"betas": tuple(group["betas"]), "eps": group["eps"], "weight_decay": group["weight_decay"]}
+            changed.update(f"{key} {saved[key]} -> {value}" for key, value in wanted.items() if saved[key] != value)
+        if not changed:
+            return []
+        multiplier = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)  # the lr of the next step, per unit
+        self.scheduler.base_lrs = [opt.lr for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group.update(wanted, lr=opt.lr * multiplier, initial_lr=opt.lr)
+        return sorted(changed)
 
     @property
     def device(self) -> torch.device:
@@ -148,7 +181,10 @@ class PolicyTrainer:
             for key, value in self._optimizer_step(batch.rows(start, start + global_batch), step_old, temperature).items():
                 totals[key] += value
             num_steps += 1
-        return {key: value / num_steps for key, value in totals.items()}
+        metrics = {key: value / num_steps for key, value in totals.items()}
+        metrics["skipped_nonfinite_steps"] = totals["skipped_nonfinite_steps"]  # a count, not a mean
+        metrics["consecutive_nonfinite_steps"] = float(self.consecutive_nonfinite_steps)
+        return metrics
 
     def _optimizer_step(
         self, batch: TrainBatch, old_logprobs_BT: torch.Tensor | None, temperature: float
@@ -160,6 +196,7 @@ class PolicyTrainer:
         else:
             global_normalizer = float((mask_BT.sum(dim=-1) > 0).sum())
         metrics: dict[str, float] = defaultdict(float)
+        finite = True  # every micro-batch's loss so far
         lp_old_pieces = []
         micro = self.policy.train_micro_batch_size
         for start in range(0, len(batch), micro):
@@ -182,22 +219,31 @@ class PolicyTrainer:
                 gen_logprobs_BT=rows.gen_logprobs_BT,
                 ref_logprobs_BT=ref_logprobs_BT,
             )
-            loss.backward()
+            finite = finite and math.isfinite(loss_metrics["loss"])  # already a python float: no extra sync
+            if finite:  # after a non-finite loss the step is skipped: its backward would only be wasted
+                loss.backward()
             for key, value in loss_metrics.items():  # includes "loss": summed over micro-batches
                 metrics[key] += value
 
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.requires_grad],
-            self.policy.max_grad_norm if self.policy.max_grad_norm is not None else float("inf"),
-        )
-        metrics["grad_norm"] = float(grad_norm)
-        metrics["lr"] = self.scheduler.get_last_lr()[0]
-        if math.isfinite(metrics["grad_norm"]):
+        metrics["grad_norm"] = float("nan")
+        if finite:
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad],
+                self.policy.max_grad_norm if self.policy.max_grad_norm is not None else float("inf"),
+            )
+            metrics["grad_norm"] = float(grad_norm)
+            finite = math.isfinite(metrics["grad_norm"])
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]  # the lr this step uses
+        if finite:
             self.optimizer.step()
-        else:
-            metrics["skipped_nonfinite_steps"] = 1.0
+            self.consecutive_nonfinite_steps = 0
+        else:  # skipped whole: the gradients (partial or NaN) are dropped below, weights and moments untouched
+            self.consecutive_nonfinite_steps += 1
+        metrics["skipped_nonfinite_steps"] = 0.0 if finite else 1.0
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # torch warns when a run's first optimizer step is skipped: on purpose here
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
 
         old_BT = torch.cat(lp_old_pieces).to(mask_BT.device)
         metrics["token_mult_prob_error"] = token_mult_prob_error(batch.gen_logprobs_BT, old_BT, mask_BT)
