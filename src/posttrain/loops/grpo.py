@@ -201,9 +201,10 @@ def run_grpo(cfg: RecipeConfig, *, console: Console) -> RunResult:
     first_record = dict(parts.data_metrics)  # data/* counts, logged once with this run's first record
     if checkpoint is not None:
         start_step = restore(checkpoint, parts, trainer, buffer)
-        logger.truncate_after(start_step)
         console.note(f"resumed from {checkpoint} (step {start_step})")
-    elif grpo.val_at_start and parts.val_prompts:
+    # Records an earlier attempt logged after this checkpoint (or, without one, at all) are redone.
+    logger.truncate_after(start_step if checkpoint is not None else -1)
+    if checkpoint is None and grpo.val_at_start and parts.val_prompts:
         val = validate(parts, cfg, step=0)
         validation_accuracy[0] = val["validation/accuracy"]
         logger.log(0, {**first_record, **val})

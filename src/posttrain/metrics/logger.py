@@ -28,10 +28,21 @@ class MetricsLogger:
             self._writer.flush()
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop records of steps after the checkpoint, which will be redone."""
+        """On (re)start: drop records of steps after `step` (the checkpoint's; -1 without one), which
+        will be redone, and a torn last line left by a process killed mid-write."""
         if not self.jsonl_path.exists():
             return
-        kept = [line for line in self.jsonl_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        lines = self.jsonl_path.read_text().splitlines()
+        kept = []
+        for number, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines) - 1:  # the killed writer's last, partial line
+                    continue
+                raise
+            if record["step"] <= step:
+                kept.append(line)
         self.jsonl_path.write_text("".join(line + "\n" for line in kept))
 
     def close(self) -> None:
