@@ -8,6 +8,7 @@ shaping switched on in the recipe. Everything algorithmic is a pure function in
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -84,8 +85,10 @@ def reference_policy(parts: RunParts, cfg: RecipeConfig) -> torch.nn.Module | No
     path = parts.log_dir / "reference_policy.safetensors"
     if path.is_file():
         load_model(reference, str(path))
-    else:
-        save_model(reference, str(path))
+    else:  # temporary file, then rename: a kill mid-write must not leave a truncated reference
+        tmp_path = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        save_model(reference, str(tmp_path))
+        os.replace(tmp_path, path)
     return reference
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,9 +73,14 @@ class RunParts:
 
 
 def prepare_tiny_model(cfg: RecipeConfig, train_samples: list[Sample], out_dir: Path, *, template: str) -> Path:
-    """Train a tokenizer on the task's text and save a random-init tiny Gemma 4 (once per run dir)."""
+    """Train a tokenizer on the task's text and save a random-init tiny Gemma 4 (once per run dir).
+
+    Written to a temporary directory and renamed into place, so a process killed mid-write never
+    leaves a half-written model that every later resume would trip over."""
     if (out_dir / "config.json").is_file():
         return out_dir
+    tmp_dir = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
     tiny = cfg.tiny_model
     corpus = [
         render(template, s.prompt) + " " + str(s.ground_truth)
@@ -82,7 +89,7 @@ def prepare_tiny_model(cfg: RecipeConfig, train_samples: list[Sample], out_dir: 
     corpus += ["user model"]  # the chat template's role names
     tokenizer = train_tokenizer(corpus, vocab_size=256 + 6 + tiny.vocab_size)
     save_tiny_gemma4(
-        out_dir,
+        tmp_dir,
         tokenizer,
         seed=tiny.seed,
         hidden_size=tiny.hidden_size,
@@ -92,6 +99,7 @@ def prepare_tiny_model(cfg: RecipeConfig, train_samples: list[Sample], out_dir: 
         head_dim=tiny.head_dim,
         intermediate_size=tiny.intermediate_size,
     )
+    os.replace(tmp_dir, out_dir)
     return out_dir
 
 
