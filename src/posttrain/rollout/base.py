@@ -23,6 +23,7 @@ class SamplingParams:
     max_new_tokens: int = 64
     min_new_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()  # end when the response's text contains one (that token kept)
     seed: int | None = None
 
 

@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from posttrain.models.logprobs import forward_inputs
 from posttrain.models.registry import family_for
 from posttrain.rollout.base import MultimodalPrompt, Rollout, SamplingParams
+from posttrain.rollout.sampling import truncate_logits
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
@@ -27,22 +28,6 @@ def cache_keyword(model: torch.nn.Module) -> str:
     (the old name is deprecated until 5.40); the device image runs 5.17."""
     parameters = inspect.signature(model.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
-
-
-def truncate_logits(logits_BV: torch.Tensor, top_p: float, top_k: int | None) -> torch.Tensor:
-    """Set logits outside the top-k / top-p (nucleus) set to -inf. The most likely token is always kept."""
-    if top_k is not None and top_k < logits_BV.shape[-1]:
-        kth_value_B1 = torch.topk(logits_BV, top_k, dim=-1).values[:, -1:]
-        logits_BV = logits_BV.masked_fill(logits_BV < kth_value_B1, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits_BV, order_BV = torch.sort(logits_BV, dim=-1, descending=True)
-        sorted_probs_BV = torch.softmax(sorted_logits_BV, dim=-1)
-        # Drop a token when the mass strictly before it already reaches top_p.
-        mass_before_BV = sorted_probs_BV.cumsum(dim=-1) - sorted_probs_BV
-        drop_sorted_BV = mass_before_BV >= top_p
-        drop_BV = drop_sorted_BV.scatter(-1, order_BV, drop_sorted_BV)
-        logits_BV = logits_BV.masked_fill(drop_BV, float("-inf"))
-    return logits_BV
 
 
 class TorchRolloutEngine:
