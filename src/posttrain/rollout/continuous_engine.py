@@ -82,7 +82,7 @@ def generation_copy(model: torch.nn.Module, drop_modules: tuple[str, ...], preci
     head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # untie
     if precision == "bfloat16_autocast":
         for module in engine_model.modules():
-            for name, parameter in module.named_parameters(recurse=False):
+            for parameter in module.parameters(recurse=False):
                 if isinstance(module, torch.nn.Linear) or parameter.dim() == 3:  # Linear and MoE expert weights
                     parameter.data = parameter.data.to(torch.bfloat16)
     return engine_model
@@ -128,6 +128,7 @@ class ContinuousBatchingEngine:
         language_model_only: bool = True,
         copy_weights: bool = True,
         cuda_graphs: bool = True,
+        compile: bool = True,
         sync_every: int = 16,
         prefill_token_budget: int = 32768,
         decode_text: Callable[[list[int]], str] | None = None,
@@ -152,7 +153,14 @@ class ContinuousBatchingEngine:
         self.never_sampled_ids = torch.tensor(
             family.placeholder_token_ids(self.model.config), dtype=torch.long, device=self.device
         )
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        # transformers' MoE experts pick tokens per expert with data-dependent shapes (a host
+        # sync), which a CUDA graph cannot hold: MoE models decode eagerly for now.
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not self.stack.has_dynamic_shapes()
+        # A Gemma 4 decode step is thousands of small kernels (norms, rotary, casts); inductor
+        # fuses them. One compilation with dynamic shapes serves every slot count and key length.
+        self._decode_step = self._decode_forward
+        if compile and self.device.type == "cuda" and not self.stack.has_dynamic_shapes():
+            self._decode_step = torch.compile(self._decode_forward, dynamic=True)
         self.cache: SlotKVCache | None = None
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
@@ -175,6 +183,7 @@ class ContinuousBatchingEngine:
         if cache is None or cache.slots < slots or cache.max_len < max_len:
             self.cache = None
             self._graphs.clear()
+            self._graph_pool = None  # a pool whose graphs are gone cannot host new captures
             dtype = torch.bfloat16 if self.autocast else next(self.stack.lm_head.parameters()).dtype
             self.cache = SlotKVCache(
                 self.stack.cache_specs(), slots=slots, max_len=max_len, device=self.device, dtype=dtype
@@ -245,7 +254,7 @@ class ContinuousBatchingEngine:
 
     def _decode(self, rows: int, key_length: int) -> None:
         if not self.cuda_graphs:
-            self._decode_forward(rows, key_length)
+            self._decode_step(rows, key_length)
             return
         graph = self._graphs.get((rows, key_length))
         if graph is None:
@@ -259,13 +268,13 @@ class ContinuousBatchingEngine:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._decode_forward(rows, key_length)
+                self._decode_step(rows, key_length)
         torch.cuda.current_stream().wait_stream(stream)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            self._decode_forward(rows, key_length)
+            self._decode_step(rows, key_length)
         self._graphs[(rows, key_length)] = graph
         self.last_stats.graphs_captured += 1
         return graph

@@ -44,6 +44,10 @@ class DecoderStack:
     def _text_model(model: torch.nn.Module) -> torch.nn.Module:
         return model.base_model
 
+    def has_dynamic_shapes(self) -> bool:
+        """Whether a decode step's shapes depend on the data (mixture-of-experts routing)."""
+        return bool(getattr(self.config, "enable_moe_block", False) or getattr(self.config, "num_experts", None))
+
     def window(self, layer_type: str) -> int | None:
         return self.config.sliding_window if layer_type == "sliding_attention" else None
 
