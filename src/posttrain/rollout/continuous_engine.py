@@ -36,7 +36,7 @@ import torch
 from posttrain.models.registry import family_for
 from posttrain.rollout.base import MultimodalPrompt, Rollout, SamplingParams
 from posttrain.rollout.decoder_stack import DecoderStack, decoder_stack
-from posttrain.rollout.sampling import exponential_race, truncate_logits
+from posttrain.rollout.sampling import sample_with_noise
 from posttrain.rollout.slot_attention import SLOT_ATTENTION, decode_mask, prefill_mask
 from posttrain.rollout.slot_cache import SlotKVCache, ring_size
 
@@ -158,9 +158,10 @@ class ContinuousBatchingEngine:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not self.stack.has_dynamic_shapes()
         # A Gemma 4 decode step is thousands of small kernels (norms, rotary, casts); inductor
         # fuses them. One compilation with dynamic shapes serves every slot count and key length.
-        self._decode_step = self._decode_forward
+        self._decode_step, self._sample = self._decode_forward, sample_with_noise
         if compile and self.device.type == "cuda" and not self.stack.has_dynamic_shapes():
             self._decode_step = torch.compile(self._decode_forward, dynamic=True)
+            self._sample = torch.compile(sample_with_noise, dynamic=True)
         self.cache: SlotKVCache | None = None
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
@@ -233,9 +234,8 @@ class ContinuousBatchingEngine:
             }
             positions_NT = torch.arange(width, device=self.device).expand(len(prompts), -1)
             self.cache.begin_prefill(slot_ids_N, lengths_N)
-            hidden_NTH = self.stack.forward(hidden_NTH, per_layer, positions_NT, masks, self.cache)
-            last_NH = hidden_NTH[torch.arange(len(prompts), device=self.device), lengths_N - 1]
-            logits_NV = self.stack.logits(last_NH)
+            last_N1H = self.stack.forward(hidden_NTH, per_layer, positions_NT, masks, self.cache, keep_B=lengths_N - 1)
+            logits_NV = self.stack.logits(last_N1H[:, 0])
         self.positions[slot_ids_N] = lengths_N
         return slot_ids_N, logits_NV
 
@@ -282,20 +282,22 @@ class ContinuousBatchingEngine:
     # ----- sampling and bookkeeping (on the device, no host syncs) -----
 
     def _record(self, rows_N: torch.Tensor, logits_NV: torch.Tensor, params: SamplingParams, generator, stop_ids):
-        logits_NV = logits_NV / params.temperature
-        logprobs_NV = torch.log_softmax(logits_NV, dim=-1)
-        sampling_NV = truncate_logits(logits_NV, params.top_p, params.top_k)
-        if len(self.never_sampled_ids):
-            sampling_NV[:, self.never_sampled_ids] = float("-inf")
         generated_N = self.generated[rows_N]
-        if params.min_new_tokens > 0 and len(stop_ids):
-            too_short_N1 = (generated_N < params.min_new_tokens).unsqueeze(-1)
-            sampling_NV[:, stop_ids] = sampling_NV[:, stop_ids].masked_fill(too_short_N1, float("-inf"))
-        next_N = exponential_race(sampling_NV, generator)
+        log_noise_NV = torch.empty_like(logits_NV).exponential_(generator=generator).log_()
+        next_N, logprob_N = self._sample(
+            logits_NV,
+            log_noise_NV,
+            params.temperature,
+            params.top_p,
+            params.top_k,
+            self.never_sampled_ids,
+            stop_ids,
+            generated_N < params.min_new_tokens,
+        )
         active_N = self.active[rows_N]
         column_N = torch.where(active_N, generated_N, params.max_new_tokens)
         self.out_tokens[rows_N, column_N] = next_N
-        self.out_logprobs[rows_N, column_N] = logprobs_NV.gather(-1, next_N.unsqueeze(-1)).squeeze(-1)
+        self.out_logprobs[rows_N, column_N] = logprob_N
         generated_N = generated_N + active_N.long()
         hit_stop_N = active_N & torch.isin(next_N, stop_ids)
         self.generated[rows_N] = generated_N

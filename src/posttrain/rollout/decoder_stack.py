@@ -24,6 +24,21 @@ from posttrain.rollout.slot_attention import bidirectional_blocks
 from posttrain.rollout.slot_cache import LayerCacheSpec
 
 
+def keep_positions(
+    keep_B: torch.Tensor,
+    hidden_BTH: torch.Tensor,
+    per_layer_BTLD: torch.Tensor | None,
+    positions_BT: torch.Tensor,
+    masks: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, dict[str, torch.Tensor]]:
+    """The inputs of one position per row (keep_B[b]), as width-1 sequences; masks [B, 1, T, K]
+    keep that query's row."""
+    rows_B = torch.arange(len(keep_B), device=keep_B.device)
+    per_layer = per_layer_BTLD[rows_B, keep_B].unsqueeze(1) if per_layer_BTLD is not None else None
+    kept_masks = {t: m[rows_B, :, keep_B].unsqueeze(2) for t, m in masks.items()}
+    return hidden_BTH[rows_B, keep_B].unsqueeze(1), per_layer, positions_BT[rows_B, keep_B].unsqueeze(1), kept_masks
+
+
 def layer_cache_keyword(layer: torch.nn.Module) -> str:
     """transformers 5.24 renamed decoder layers' `past_key_values` argument to `cache`."""
     return "cache" if "cache" in inspect.signature(layer.forward).parameters else "past_key_values"
@@ -39,6 +54,8 @@ class DecoderStack:
         self.lm_head = model.get_output_embeddings()
         self.softcap = final_logit_softcap(model.config)
         self.cache_keyword = layer_cache_keyword(self.layers[0])
+        shared = [i for i, layer in enumerate(self.layers) if getattr(layer.self_attn, "is_kv_shared_layer", False)]
+        self.first_shared_layer = shared[0] if shared else None
 
     @staticmethod
     def _text_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -86,11 +103,20 @@ class DecoderStack:
         positions_BT: torch.Tensor,
         masks: dict[str, torch.Tensor],
         cache,
+        keep_B: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-normed hidden states of every position."""
+        """Final-normed hidden states of every position, or [B, 1, H] of position keep_B[b] only.
+
+        With keep_B (a prefill), the KV-shared layers run on the kept positions alone: they write
+        no cache, so nothing else of theirs is ever read (transformers' generate does the same)."""
         rotary = self.rotary(hidden_BTH, positions_BT)
         shared_kv: dict = {}
         for index, (layer, layer_type) in enumerate(zip(self.layers, self.layer_types, strict=True)):
+            if keep_B is not None and index == self.first_shared_layer:
+                hidden_BTH, per_layer_BTLD, positions_BT, masks = keep_positions(
+                    keep_B, hidden_BTH, per_layer_BTLD, positions_BT, masks
+                )
+                rotary, keep_B = self.rotary(hidden_BTH, positions_BT), None
             out = layer(
                 hidden_BTH,
                 attention_mask=masks[layer_type],
@@ -100,6 +126,8 @@ class DecoderStack:
                 **self.layer_inputs(index, per_layer_BTLD, shared_kv),
             )
             hidden_BTH = out[0] if isinstance(out, tuple) else out
+        if keep_B is not None:
+            hidden_BTH = keep_positions(keep_B, hidden_BTH, None, positions_BT, {})[0]
         return self.text_model.norm(hidden_BTH)
 
     def logits(self, hidden_BH: torch.Tensor) -> torch.Tensor:

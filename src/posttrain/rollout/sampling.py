@@ -1,4 +1,4 @@
-"""Token sampling shared by the rollout engines: truncation (top-k, top-p) and exponential-race draws."""
+"""Token sampling for the rollout engines: truncation (top-k, top-p) and exponential-race draws."""
 
 from __future__ import annotations
 
@@ -21,9 +21,30 @@ def truncate_logits(logits_BV: torch.Tensor, top_p: float, top_k: int | None) ->
     return logits_BV
 
 
-def exponential_race(logits_BV: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row drawn from softmax(logits_BV): argmax of p / E with E ~ Exp(1) i.i.d.
-    (the Gumbel-max trick). Unlike torch.multinomial it never asserts on a row of NaNs, which an
-    empty slot of the continuous-batching engine may hold, and needs no normalization."""
-    noise_BV = torch.empty_like(logits_BV).exponential_(generator=generator)
-    return (logits_BV - noise_BV.log()).argmax(dim=-1)
+def sample_with_noise(
+    logits_BV: torch.Tensor,
+    log_noise_BV: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    top_k: int | None,
+    banned_ids: torch.Tensor,
+    stop_ids: torch.Tensor,
+    too_short_B: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens_B, logprobs_B): tokens drawn by exponential race (log_noise = log E, E ~ Exp(1))
+    from the truncated distribution without banned tokens (and without stop tokens in rows that
+    are too short); logprobs of those tokens under the full softmax(logits / temperature).
+    A pure function, so that it can be compiled into a few fused kernels."""
+    scaled_BV = logits_BV / temperature
+    sampling_BV = truncate_logits(scaled_BV, top_p, top_k)
+    if len(banned_ids):
+        sampling_BV = sampling_BV.index_fill(-1, banned_ids, float("-inf"))
+    if len(stop_ids):
+        banned_stops_BS = too_short_B.unsqueeze(-1).expand(-1, len(stop_ids))
+        sampling_BV = sampling_BV.scatter(
+            -1, stop_ids.expand(len(too_short_B), -1),
+            sampling_BV.gather(-1, stop_ids.expand(len(too_short_B), -1)).masked_fill(banned_stops_BS, float("-inf")),
+        )
+    tokens_B = (sampling_BV - log_noise_BV).argmax(dim=-1)
+    logprobs_B = scaled_BV.gather(-1, tokens_B.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled_BV, dim=-1)
+    return tokens_B, logprobs_B
