@@ -38,7 +38,14 @@ class SchedulerConfig(Section):
 
 
 class GenerationConfig(Section):
-    backend: Literal["torch"] = Field("torch", description="Rollout engine. 'torch': posttrain's PyTorch engine, colocated.")
+    backend: Literal["auto", "continuous", "torch"] = Field(
+        "auto",
+        description=(
+            "Rollout engine, colocated with the trainer. continuous: posttrain's continuous-batching engine (slot "
+            "KV cache, CUDA graphs; docs/rollout.md). torch: the plain correctness-first engine (transformers' "
+            "forward with a DynamicCache). auto: continuous on CUDA, torch on CPU."
+        ),
+    )
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; the trainer's logprobs use the same one.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1.0 disables).")
     top_k: int | None = Field(None, ge=1, description="Sample among the k most likely tokens (null disables).")
@@ -46,13 +53,25 @@ class GenerationConfig(Section):
     stop_token_ids: list[int] | None = Field(
         None, description="Token ids that end a response; null: the model config's eos ids."
     )
-    dtype: Literal["float32", "bfloat16", "bfloat16_autocast"] = Field(
-        "bfloat16",
+    stop_strings: list[str] = Field(
+        default_factory=list,
+        description="Texts that end a response (the token completing one is kept); checked on decoded text.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "bfloat16_autocast"] = Field(
+        "auto",
         description=(
-            "The generator's weight copy, refreshed from the fp32 master after each step. bfloat16: bf16 weights "
-            "and activations (half the memory). bfloat16_autocast: an fp32 copy run under bf16 autocast, the "
-            "trainer's own numerics (fp32 residual stream): smaller train/generate mismatch for twice the memory "
-            "(docs/models.md has measurements)."
+            "The generator's weights, refreshed from the fp32 master after each step. bfloat16: bf16 weights and "
+            "activations. bfloat16_autocast: the trainer's own numerics (bf16 matmuls, fp32 residual stream and "
+            "norms) for a smaller train/generate mismatch; the continuous engine stores matmul weights in bf16 "
+            "and the rest in fp32, the torch engine keeps an fp32 copy. auto: bfloat16_autocast for the "
+            "continuous engine, bfloat16 for the torch engine (docs/rollout.md has measurements)."
+        ),
+    )
+    compile: bool = Field(
+        True,
+        description=(
+            "continuous engine on CUDA: compile the decode step with torch.compile (fuses Gemma 4's many small "
+            "kernels; about 2.5x faster decoding, minutes of one-time compilation for a real model)."
         ),
     )
     max_batch_size: int = Field(256, ge=1, description="Sequences decoded together.")

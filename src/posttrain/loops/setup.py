@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,7 +24,8 @@ from posttrain.models.activation_checkpointing import enable_activation_checkpoi
 from posttrain.models.freezing import apply_freeze_config
 from posttrain.models.loading import load_policy, load_tokenizer, stop_token_ids
 from posttrain.models.tiny import END_OF_TURN, save_tiny_gemma4, train_tokenizer
-from posttrain.rollout.base import SamplingParams
+from posttrain.rollout.base import RolloutEngine, SamplingParams
+from posttrain.rollout.continuous_engine import ContinuousBatchingEngine
 from posttrain.rollout.torch_engine import TorchRolloutEngine
 
 # generation.dtype -> (weight dtype of the generator copy, bf16 autocast)
@@ -44,7 +46,7 @@ class RunParts:
     train_prompts: PromptIterator
     val_prompts: list[Prompt]
     env: Environment
-    engine: TorchRolloutEngine
+    engine: RolloutEngine
     sampling_params: SamplingParams
     console: Console
     data_metrics: dict[str, float] = field(default_factory=dict)  # data/*: logged with the run's first record
@@ -151,6 +153,33 @@ def tokenize_data(
     return train.prompts, val.prompts, metrics
 
 
+def build_engine(
+    cfg: RecipeConfig, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, device: str
+) -> RolloutEngine:
+    """The recipe's rollout engine (policy.generation.backend; auto: continuous on CUDA, torch on CPU)."""
+    gen = cfg.policy.generation
+    backend = gen.backend if gen.backend != "auto" else ("continuous" if device.startswith("cuda") else "torch")
+    decode_text = partial(tokenizer.decode, skip_special_tokens=False)
+    if backend == "continuous":
+        return ContinuousBatchingEngine(
+            model,
+            pad_token_id=tokenizer.pad_token_id,
+            precision="bfloat16_autocast" if gen.dtype == "auto" else gen.dtype,
+            max_batch_size=gen.max_batch_size,
+            compile=gen.compile,
+            decode_text=decode_text,
+        )
+    weight_dtype, autocast = GENERATOR_PRECISION["bfloat16" if gen.dtype == "auto" else gen.dtype]
+    return TorchRolloutEngine(
+        model,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype=weight_dtype,
+        autocast=autocast,
+        max_batch_size=gen.max_batch_size,
+        decode_text=decode_text,
+    )
+
+
 def build_run(cfg: RecipeConfig, *, console: Console) -> RunParts:
     log_dir = Path(cfg.logger.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -172,17 +201,15 @@ def build_run(cfg: RecipeConfig, *, console: Console) -> RunParts:
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust)
     train, val, data_metrics = tokenize_data(cfg, data, tokenizer, console)
 
+    engine = build_engine(cfg, model, tokenizer, device)
     gen = cfg.policy.generation
-    weight_dtype, autocast = GENERATOR_PRECISION[gen.dtype]
-    engine = TorchRolloutEngine(
-        model, pad_token_id=tokenizer.pad_token_id, dtype=weight_dtype, autocast=autocast, max_batch_size=gen.max_batch_size
-    )
     sampling = SamplingParams(
         temperature=gen.temperature,
         top_p=gen.top_p,
         top_k=gen.top_k,
         max_new_tokens=gen.max_new_tokens,
         stop_token_ids=tuple(gen.stop_token_ids) if gen.stop_token_ids is not None else stop_token_ids(model),
+        stop_strings=tuple(gen.stop_strings),
     )
     return RunParts(
         cfg=cfg,

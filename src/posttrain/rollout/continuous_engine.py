@@ -36,7 +36,7 @@ import torch
 from posttrain.models.registry import family_for
 from posttrain.rollout.base import MultimodalPrompt, Rollout, SamplingParams
 from posttrain.rollout.decoder_stack import DecoderStack, decoder_stack
-from posttrain.rollout.sampling import sample_with_noise
+from posttrain.rollout.sampling import first_stop_string_end, sample_with_noise
 from posttrain.rollout.slot_attention import SLOT_ATTENTION, decode_mask, prefill_mask
 from posttrain.rollout.slot_cache import SlotKVCache, ring_size
 
@@ -51,13 +51,6 @@ def slot_bucket(count: int, limit: int) -> int:
 
 def key_length_bucket(longest_position: int, max_len: int) -> int:
     return min(max_len, -(-(longest_position + 1) // KEY_LENGTH_BUCKET) * KEY_LENGTH_BUCKET)
-
-
-def first_stop_string_end(token_ids: list[int], decode: Callable[[list[int]], str], stop_strings: tuple[str, ...]) -> int | None:
-    """The shortest prefix length whose text contains a stop string, or None."""
-    if not any(s in decode(token_ids) for s in stop_strings):
-        return None
-    return next(k for k in range(1, len(token_ids) + 1) if any(s in decode(token_ids[:k]) for s in stop_strings))
 
 
 def generation_copy(model: torch.nn.Module, drop_modules: tuple[str, ...], precision: Precision) -> torch.nn.Module:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -48,3 +50,10 @@ def sample_with_noise(
     tokens_B = (sampling_BV - log_noise_BV).argmax(dim=-1)
     logprobs_B = scaled_BV.gather(-1, tokens_B.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled_BV, dim=-1)
     return tokens_B, logprobs_B
+
+
+def first_stop_string_end(token_ids: list[int], decode: Callable[[list[int]], str], stop_strings: tuple[str, ...]) -> int | None:
+    """The shortest prefix length whose text contains a stop string, or None."""
+    if not any(s in decode(token_ids) for s in stop_strings):
+        return None
+    return next(k for k in range(1, len(token_ids) + 1) if any(s in decode(token_ids[:k]) for s in stop_strings))

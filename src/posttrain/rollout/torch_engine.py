@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from transformers import DynamicCache
@@ -20,7 +20,7 @@ from transformers import DynamicCache
 from posttrain.models.logprobs import forward_inputs
 from posttrain.models.registry import family_for
 from posttrain.rollout.base import MultimodalPrompt, Rollout, SamplingParams
-from posttrain.rollout.sampling import truncate_logits
+from posttrain.rollout.sampling import first_stop_string_end, truncate_logits
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
@@ -41,9 +41,11 @@ class TorchRolloutEngine:
         dtype: torch.dtype,
         autocast: bool = False,
         max_batch_size: int = 256,
+        decode_text: Callable[[list[int]], str] | None = None,
     ):
         """`dtype`: the weight copy's dtype. `autocast`: sample under bf16 autocast (with fp32 weights,
         the trainer's numerics: bf16 matmuls, fp32 residual stream and norms)."""
+        self.decode_text = decode_text  # token ids -> text, for stop strings
         self.model = copy.deepcopy(model).to(dtype).eval()
         self.autocast = autocast
         self.model.requires_grad_(False)
@@ -67,6 +69,8 @@ class TorchRolloutEngine:
         """One response per prompt, in order. `multimodal[i]` holds prompt i's images (None: text only)."""
         if multimodal is not None and len(multimodal) != len(prompts):
             raise ValueError(f"{len(multimodal)} multimodal entries for {len(prompts)} prompts")
+        if params.stop_strings and self.decode_text is None:
+            raise ValueError("stop_strings need the engine's decode_text (a tokenizer's decode)")
         generator = torch.Generator(device=self._device)
         if params.seed is not None:
             generator.manual_seed(params.seed)
@@ -78,7 +82,16 @@ class TorchRolloutEngine:
             batch_multimodal = multimodal[start:stop] if multimodal is not None else None
             with torch.autocast(self._device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 rollouts += self._generate_batch(prompts[start:stop], params, generator, batch_multimodal)
+        if params.stop_strings:
+            rollouts = [self._cut_at_stop_string(r, params.stop_strings) for r in rollouts]
         return rollouts
+
+    def _cut_at_stop_string(self, rollout: Rollout, stop_strings: tuple[str, ...]) -> Rollout:
+        """Stop strings are applied after decoding (this engine decodes to max_new_tokens or a stop token)."""
+        end = first_stop_string_end(rollout.token_ids, self.decode_text, stop_strings)
+        if end is None:
+            return rollout
+        return Rollout(rollout.prompt_token_ids, rollout.token_ids[:end], rollout.logprobs[:end], "stop")
 
     @property
     def _device(self) -> torch.device:
