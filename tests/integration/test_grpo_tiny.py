@@ -133,3 +133,22 @@ def test_cli_reports_a_freeze_pattern_that_matches_nothing_without_a_traceback(t
     err = capsys.readouterr().err
     assert code == 1
     assert "FreezeConfigError" in err and "model.layer.0.*" in err and "model.layers.0" in err and "Traceback" not in err
+
+
+def test_the_continuous_engine_drives_the_loop_with_exact_logprobs(tmp_path):
+    """policy.generation.backend: continuous (the default on CUDA) on CPU: the same loop, and the
+    fp32 engine's logprobs equal the trainer's."""
+    cfg = quickstart_config(
+        tmp_path / "run",
+        "policy.generation.backend=continuous",
+        "warm_start.num_steps=60",
+        "grpo.use_dynamic_sampling=false",
+        "grpo.max_num_steps=4",
+        "grpo.val_period=0",
+    )
+    result = run_grpo(cfg, console=Console(enabled=False))
+    steps = [r for r in read_metrics(result.log_dir) if "train/reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for record in steps:
+        assert abs(record["train/token_mult_prob_error"] - 1.0) < 1e-3
+        assert record["train/gen_kl_error"] < 1e-5

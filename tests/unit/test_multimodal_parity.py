@@ -27,6 +27,7 @@ from posttrain.models.tiny import (
     train_tokenizer,
 )
 from posttrain.rollout.base import MultimodalPrompt, SamplingParams
+from posttrain.rollout.continuous_engine import ContinuousBatchingEngine
 from posttrain.rollout.torch_engine import TorchRolloutEngine
 
 pytestmark = pytest.mark.unit
@@ -73,6 +74,15 @@ def _prompts(processor) -> tuple[list[list[int]], list[MultimodalPrompt | None]]
         prompts.append(out["input_ids"][0].tolist())
         multimodal.append(MultimodalPrompt(out["pixel_values"], out["image_position_ids"]) if images else None)
     return prompts, multimodal
+
+
+def _engine(kind: str, model):
+    if kind == "torch":
+        return TorchRolloutEngine(model, pad_token_id=0, dtype=torch.float32)
+    # max_batch_size 2 < 3 prompts: the text-only prompt joins when an image prompt's slot frees
+    return ContinuousBatchingEngine(
+        model, pad_token_id=0, precision="float32", max_batch_size=2, language_model_only=False, sync_every=3
+    )
 
 
 def _left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,9 +144,10 @@ def test_token_logprobs_with_images_equal_transformers_forward(model, processor,
     assert ((causal_BT1[real_BT1] - expected_BT1[real_BT1]).abs().max() > 1e-4) == bidirectional
 
 
-def test_generator_logprobs_with_images_equal_token_logprobs(model, processor):
+@pytest.mark.parametrize("engine_kind", ["torch", "continuous"])
+def test_generator_logprobs_with_images_equal_token_logprobs(model, processor, engine_kind):
     prompts, multimodal = _prompts(processor)
-    engine = TorchRolloutEngine(model, pad_token_id=0, dtype=torch.float32)
+    engine = _engine(engine_kind, model)
     rollouts = engine.generate(prompts, SamplingParams(temperature=TEMPERATURE, max_new_tokens=10, seed=3), multimodal)
     for rollout, images in zip(rollouts, multimodal, strict=True):
         ids = rollout.prompt_token_ids + rollout.token_ids
@@ -150,9 +161,10 @@ def test_generator_logprobs_with_images_equal_token_logprobs(model, processor):
         )
 
 
-def test_greedy_generation_with_images_equals_transformers_generate(model, processor, tokenizer):
+@pytest.mark.parametrize("engine_kind", ["torch", "continuous"])
+def test_greedy_generation_with_images_equals_transformers_generate(model, processor, tokenizer, engine_kind):
     prompts, multimodal = _prompts(processor)
-    engine = TorchRolloutEngine(model, pad_token_id=0, dtype=torch.float32)
+    engine = _engine(engine_kind, model)
     rollouts = engine.generate(prompts, SamplingParams(top_k=1, max_new_tokens=8), multimodal)
     ids_BT, mask_BT = _left_padded(prompts)
     never = [model.config.image_token_id, model.config.video_token_id, model.config.audio_token_id]

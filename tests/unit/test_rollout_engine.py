@@ -1,4 +1,5 @@
-"""The PyTorch rollout engine (rollout/torch_engine.py) and its sampling truncation."""
+"""The rollout engines' shared behaviour (rollout/torch_engine.py, rollout/continuous_engine.py) and
+sampling truncation. Engine-specific parts of the continuous engine: test_continuous_engine.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch
 from posttrain.models.loading import load_policy
 from posttrain.models.logprobs import token_logprobs
 from posttrain.rollout.base import SamplingParams
-from posttrain.rollout.torch_engine import TorchRolloutEngine, cache_keyword, truncate_logits
+from posttrain.rollout.continuous_engine import ContinuousBatchingEngine
+from posttrain.rollout.sampling import truncate_logits
+from posttrain.rollout.torch_engine import TorchRolloutEngine, cache_keyword
 
 pytestmark = pytest.mark.unit
 
@@ -89,9 +92,23 @@ def policy(tiny_checkpoint):
     return load_policy(tiny_checkpoint).eval()
 
 
+ENGINES = {
+    "torch": lambda model: TorchRolloutEngine(model, pad_token_id=PAD, dtype=torch.float32),
+    # 4 slots for 6+ prompts: later prompts join as earlier ones finish
+    "continuous": lambda model: ContinuousBatchingEngine(
+        model, pad_token_id=PAD, precision="float32", max_batch_size=4, sync_every=3
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(ENGINES))
+def engine_kind(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def engine(policy):
-    return TorchRolloutEngine(policy, pad_token_id=PAD, dtype=torch.float32)
+def engine(policy, engine_kind):
+    return ENGINES[engine_kind](policy)
 
 
 def _recomputed_logprobs(model, prompt: list[int], response: list[int], temperature: float) -> torch.Tensor:
@@ -180,13 +197,13 @@ def test_min_new_tokens_forbids_early_stops(engine):
     assert all(r.finish_reason == "stop" for r in rollouts)
 
 
-def test_refresh_weights_switches_to_the_new_model(policy):
+def test_refresh_weights_switches_to_the_new_model(policy, engine_kind):
     other = copy.deepcopy(policy)
     gen = torch.Generator().manual_seed(123)
     with torch.no_grad():
         for param in other.parameters():
             param.add_(0.5 * torch.randn(param.shape, generator=gen))
-    engine = TorchRolloutEngine(policy, pad_token_id=PAD, dtype=torch.float32)
+    engine = ENGINES[engine_kind](policy)
     params = SamplingParams(temperature=TEMPERATURE, max_new_tokens=6, seed=4)
     before = engine.generate(PROMPTS, params)
 
