@@ -131,6 +131,14 @@ def _logprobs_and_grads(model, ids_BT, mask_BT, *, reference: bool):
     return logprobs_BT1.detach(), grads
 
 
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |got - expected| / max |expected|: fp32 summation-order noise is ~1e-7 of a tensor's
+    scale, but single elements that are sums of cancelling terms can differ by far more than their
+    own size (posttrain's chunked head sums the tied embedding's gradient in another order than
+    autograd through full logits)."""
+    return float((got - expected).abs().max() / expected.abs().max().clamp(min=1e-30))
+
+
 def _ours(model, ids_BT, mask_BT, temperature):
     return token_logprobs(model, ids_BT, mask_BT, temperature=temperature)
 
@@ -150,7 +158,7 @@ def test_logprobs_and_gradients_with_activation_checkpointing_equal_the_referenc
         torch.testing.assert_close(got_BT1[real_BT1], expected_BT1[real_BT1], **TOL)
         assert grads.keys() == expected_grads.keys()
         for name, grad in grads.items():
-            torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+            assert _relative_error(grad, expected_grads[name]) < 1e-5, name
 
 
 def test_generator_logprobs_equal_token_logprobs(model):
@@ -198,5 +206,5 @@ def test_reentrant_checkpointing_breaks_kv_sharing_which_is_why_posttrain_never_
         reentrant = copy.deepcopy(model).train()
         reentrant.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         _, grads = _logprobs_and_grads(reentrant, ids_BT, mask_BT, reference=False)
-        worst = max(float((grads[name] - expected[name]).abs().max()) for name in expected)
-        assert (worst < 1e-4) == reentrant_is_exact, (variant, worst)
+        worst = max(_relative_error(grads[name], expected[name]) for name in expected)
+        assert (worst < 1e-5) == reentrant_is_exact, (variant, worst)

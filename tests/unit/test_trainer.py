@@ -168,7 +168,10 @@ def test_micro_batch_invariance(base_model):
         assert metrics[micro]["loss"] == pytest.approx(metrics[4]["loss"], abs=1e-6)
         assert metrics[micro]["grad_norm"] == pytest.approx(metrics[4]["grad_norm"], rel=1e-5)
         for name, param in params[micro].items():
-            torch.testing.assert_close(first_moments[micro][name], first_moments[4][name], rtol=1e-4, atol=1e-9, msg=name)
+            expected = first_moments[4][name]  # tolerance: fp32 summation-order noise, ~1e-6 of the scale
+            torch.testing.assert_close(
+                first_moments[micro][name], expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()), msg=name
+            )
             torch.testing.assert_close(param, params[4][name], rtol=0, atol=1e-6, msg=name)
     # the step did move the weights (the comparison above is not vacuous)
     initial = dict(base_model.named_parameters())

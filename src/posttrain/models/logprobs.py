@@ -1,9 +1,10 @@
 """Per-token logprobs of a causal LM: the one definition trainer, reference and generator share.
 
 The order is fixed: lm_head -> final-logit softcap -> temperature -> log_softmax over the full
-vocabulary -> gather. For families whose head posttrain knows exactly (Gemma 4), the logits are
-computed here from the backbone's hidden states, so the softcap is visible in posttrain's code
-(and tested against transformers' forward); other families use the model's own forward. The
+vocabulary -> gather. For families whose head posttrain knows exactly (Gemma 4), the logprobs are
+computed here from the backbone's hidden states, chunk by chunk (`chunked_logprobs.py`), so the
+softcap is visible in posttrain's code (and tested against transformers' forward) and the
+262k-vocabulary logits never exist for the whole batch; other families use the model's own forward. The
 rollout engine reports logprobs of exactly this distribution, so `train/token_mult_prob_error`
 compares like with like.
 """
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.models.family import final_logit_softcap, softcap_logits
+from posttrain.models.chunked_logprobs import chunked_token_logprobs
+from posttrain.models.family import final_logit_softcap
 from posttrain.models.registry import family_for
 
 
@@ -54,29 +56,35 @@ def forward_inputs(
     return inputs
 
 
-def next_token_logits(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-    """Softcapped logits_BTV for every input position (no temperature)."""
-    family = family_for(model.config)
-    if not family.head_from_hidden_states:
-        return model(**inputs, use_cache=False).logits
-    hidden_BTH = model.base_model(**inputs, use_cache=False).last_hidden_state
-    logits_BTV = model.get_output_embeddings()(hidden_BTH)
-    return softcap_logits(logits_BTV, final_logit_softcap(model.config))
-
-
 def token_logprobs(
     model: torch.nn.Module,
     input_ids_BT: torch.Tensor,
     attention_mask_BT: torch.Tensor,
     *,
     temperature: float = 1.0,
+    chunk_tokens: int | None = None,
     **multimodal_inputs,
 ) -> torch.Tensor:
     """logprobs_BT1[b, t] = log p(input_ids[b, t + 1] | input_ids[b, : t + 1]), shape [B, T-1].
 
     Multimodal inputs (e.g. Gemma 4's `pixel_values`, `image_position_ids`, `mm_token_type_ids`)
     go to the model's forward. Padding positions get meaningless values; callers mask them.
+    For families whose head posttrain computes (Gemma 4) the logits are never materialized for
+    the whole batch: `chunked_token_logprobs` goes through `chunk_tokens` tokens at a time, in the
+    forward and the backward.
     """
     inputs = forward_inputs(model, input_ids_BT, attention_mask_BT, multimodal_inputs)
-    logits_BTV = next_token_logits(model, inputs)
-    return logprobs_from_logits(logits_BTV[:, :-1], input_ids_BT[:, 1:], temperature)
+    targets_BT1 = input_ids_BT[:, 1:]
+    if not family_for(model.config).head_from_hidden_states:
+        logits_BTV = model(**inputs, use_cache=False).logits
+        return logprobs_from_logits(logits_BTV[:, :-1], targets_BT1, temperature)
+    hidden_BTH = model.base_model(**inputs, use_cache=False).last_hidden_state
+    logprobs_N = chunked_token_logprobs(
+        hidden_BTH[:, :-1].reshape(-1, hidden_BTH.shape[-1]),
+        model.get_output_embeddings().weight,
+        targets_BT1.reshape(-1),
+        softcap=final_logit_softcap(model.config),
+        temperature=temperature,
+        chunk_tokens=chunk_tokens,
+    )
+    return logprobs_N.view(targets_BT1.shape)
