@@ -135,12 +135,15 @@ def test_cli_reports_a_freeze_pattern_that_matches_nothing_without_a_traceback(t
     assert "FreezeConfigError" in err and "model.layer.0.*" in err and "model.layers.0" in err and "Traceback" not in err
 
 
-def test_the_continuous_engine_drives_the_loop_with_exact_logprobs(tmp_path):
-    """policy.generation.backend: continuous (the default on CUDA) on CPU: the same loop, and the
-    fp32 engine's logprobs equal the trainer's."""
+def test_the_continuous_engine_and_packed_training_keep_logprobs_exact(tmp_path):
+    """policy.generation.backend: continuous (the default on CUDA) on CPU, with the trainer packing
+    sequences into token-budget micro-batches: the fp32 engine's logprobs equal the trainer's."""
     cfg = quickstart_config(
         tmp_path / "run",
         "policy.generation.backend=continuous",
+        "policy.sequence_packing=true",
+        "policy.train_micro_batch_tokens=600",
+        "policy.train_micro_batch_size=64",
         "warm_start.num_steps=60",
         "grpo.use_dynamic_sampling=false",
         "grpo.max_num_steps=4",

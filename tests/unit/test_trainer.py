@@ -263,3 +263,35 @@ def test_no_reference_forward_when_beta_is_zero(model, base_model):
     trainer = PolicyTrainer(model, _policy(), LossConfig(), total_optimizer_steps=1, reference_model=base_model)
     assert trainer.reference_model is None
     assert trainer.train(_batch(), TEMPERATURE)["kl_penalty"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("packing", "micro_rows", "micro_tokens"),
+    [(True, 4, None), (True, 4, 12), (False, 4, 12), (True, 1, None), (True, 2, 7)],
+)
+def test_packing_and_token_budgets_give_the_padded_step(base_model, packing, micro_rows, micro_tokens):
+    """Sequence packing (one packed row per micro-batch) and micro-batches by token budget (row
+    lengths 6, 5, 6, 7) give the padded full-batch step's loss, gradient norm and update."""
+    policy = dict(max_grad_norm=None, optimizer=OptimizerConfig(lr=1e-3, eps=1e-6))
+    results = {}
+    for key, overrides in (
+        ("padded", {}),
+        ("candidate", dict(sequence_packing=packing, train_micro_batch_size=micro_rows, train_micro_batch_tokens=micro_tokens)),
+    ):
+        model = copy.deepcopy(base_model)
+        trainer = PolicyTrainer(model, _policy(**policy, **overrides), LossConfig(), total_optimizer_steps=1)
+        metrics = trainer.train(_batch(), TEMPERATURE)
+        gradients = {name: trainer.optimizer.state[p]["exp_avg"] / 0.1 for name, p in model.named_parameters()}
+        results[key] = metrics, {name: p.detach().clone() for name, p in model.named_parameters()}, gradients
+    (padded, padded_params, padded_grads), (candidate, candidate_params, candidate_grads) = results.values()
+    assert candidate["loss"] == pytest.approx(padded["loss"], abs=1e-6)
+    assert candidate["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-5)
+    for name, grad in candidate_grads.items():  # fp32 summation-order noise is ~1e-6 of a gradient's scale
+        expected = padded_grads[name]
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()), msg=name)
+    for name, param in candidate_params.items():
+        # Adam's first step moves a weight by lr * g / (|g| + eps) (lr 1e-3, eps 1e-6): elements whose
+        # gradient sits at the fp32 noise floor (~1e-8) may land up to lr * 1e-2 = 1e-5 apart
+        torch.testing.assert_close(param, padded_params[name], rtol=0, atol=1e-5, msg=name)
+    moved = padded_params["model.layers.0.mlp.up_proj.weight"] - dict(base_model.named_parameters())["model.layers.0.mlp.up_proj.weight"]
+    assert moved.abs().max() > 1e-4  # the step did move the weights

@@ -124,6 +124,23 @@ class PolicyConfig(Section):
     train_global_batch_size: int = Field(512, ge=1, description="Samples per optimizer step.")
     train_micro_batch_size: int = Field(1, ge=1, description="Samples per forward/backward pass.")
     logprob_batch_size: int | None = Field(None, ge=1, description="Samples per no-grad logprob pass; null: micro batch size.")
+    train_micro_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Token budget per micro-batch (dynamic batching): consecutive samples are grouped while their real "
+            "tokens fit (and at most train_micro_batch_size / logprob_batch_size of them); a longer sample goes alone. "
+            "null: by sample count only."
+        ),
+    )
+    sequence_packing: bool = Field(
+        False,
+        description=(
+            "Run each micro-batch as one packed sequence (samples concatenated, positions restarting, attention "
+            "kept within each sample) instead of padded rows: no compute on padding; same loss and gradients. "
+            "Text-only batches."
+        ),
+    )
     max_total_sequence_length: int = Field(
         4096,
         ge=2,

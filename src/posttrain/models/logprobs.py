@@ -88,3 +88,46 @@ def token_logprobs(
         chunk_tokens=chunk_tokens,
     )
     return logprobs_N.view(targets_BT1.shape)
+
+
+def packed_token_logprobs(
+    model: torch.nn.Module,
+    input_ids_BT: torch.Tensor,
+    attention_mask_BT: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """`token_logprobs` of right-padded rows computed as ONE packed sequence: the rows' real tokens
+    are concatenated, positions restart at 0 for each row, and transformers' attention masks
+    (which detect restarting positions when no 2-D mask is given) keep the rows from seeing each
+    other. No compute is spent on padding. Returns the aligned layout: logprobs_BT[b, t] scores
+    token t of row b (column 0 and padding are 0). Text only."""
+    lengths = attention_mask_BT.sum(dim=-1).tolist()
+    if any(attention_mask_BT[b, :n].sum() != n for b, n in enumerate(lengths)):
+        raise ValueError("packing needs right-padded rows (each row's real tokens first)")
+    device = input_ids_BT.device
+    ids_1L = torch.cat([input_ids_BT[b, :n] for b, n in enumerate(lengths)]).unsqueeze(0)
+    positions_1L = torch.cat([torch.arange(n, device=device) for n in lengths]).unsqueeze(0)
+    starts = [sum(lengths[:b]) for b in range(len(lengths))]
+    # scored token j + 1 from the hidden state at j, within each row
+    source_N = torch.cat([torch.arange(s, s + n - 1, device=device) for s, n in zip(starts, lengths, strict=True)])
+    rows_N = torch.cat([torch.full((n - 1,), b, device=device) for b, n in enumerate(lengths)])
+    columns_N = torch.cat([torch.arange(1, n, device=device) for n in lengths])
+    targets_N = ids_1L[0, source_N + 1]
+    inputs = {"input_ids": ids_1L, "position_ids": positions_1L, "attention_mask": None, "use_cache": False}
+    if family_for(model.config).head_from_hidden_states:
+        hidden_NH = model.base_model(**inputs).last_hidden_state[0, source_N]
+        logprobs_N = chunked_token_logprobs(
+            hidden_NH,
+            model.get_output_embeddings().weight,
+            targets_N,
+            softcap=final_logit_softcap(model.config),
+            temperature=temperature,
+            chunk_tokens=chunk_tokens,
+        )
+    else:
+        logits_NV = model(**inputs).logits[0, source_N]
+        logprobs_N = logprobs_from_logits(logits_NV, targets_N, temperature)
+    logprobs_BT = torch.zeros(input_ids_BT.shape, dtype=logprobs_N.dtype, device=device)
+    return logprobs_BT.index_put((rows_N, columns_N), logprobs_N)

@@ -27,7 +27,8 @@ from posttrain.algorithms.mismatch import gen_kl_error, token_mult_prob_error
 from posttrain.algorithms.pg_loss import clipped_pg_loss
 from posttrain.config.loss import LossConfig
 from posttrain.config.schema import PolicyConfig
-from posttrain.models.logprobs import token_logprobs
+from posttrain.models.logprobs import packed_token_logprobs, token_logprobs
+from posttrain.training.batching import micro_batches
 
 
 class MasterWeightsError(TypeError):
@@ -68,8 +69,13 @@ class TrainBatch:
         return TrainBatch(*(t.to(device) for t in vars(self).values()))
 
 
-def aligned_token_logprobs(model: torch.nn.Module, batch: TrainBatch, temperature: float) -> torch.Tensor:
-    """`token_logprobs` shifted to align with the batch's tokens: logprobs_BT[:, t] scores token t; column 0 is 0."""
+def aligned_token_logprobs(
+    model: torch.nn.Module, batch: TrainBatch, temperature: float, *, packed: bool = False
+) -> torch.Tensor:
+    """`token_logprobs` shifted to align with the batch's tokens: logprobs_BT[:, t] scores token t;
+    column 0 is 0. `packed`: computed as one packed sequence (same values, no padding computed)."""
+    if packed:
+        return packed_token_logprobs(model, batch.input_ids_BT, batch.attention_mask_BT, temperature=temperature)
     logprobs_BT1 = token_logprobs(model, batch.input_ids_BT, batch.attention_mask_BT, temperature=temperature)
     return torch.nn.functional.pad(logprobs_BT1, (1, 0), value=0.0)
 
@@ -159,11 +165,15 @@ class PolicyTrainer:
         """Logprobs of every token under the current weights, micro-batched, no gradient."""
         size = self.policy.logprob_batch_size or self.policy.train_micro_batch_size
         chunks = []
-        for start in range(0, len(batch), size):
-            rows = batch.rows(start, start + size).to(self.device)
+        for start, stop in self._micro_batches(batch, size):
+            rows = batch.rows(start, stop).to(self.device)
             with self.autocast():
-                chunks.append(aligned_token_logprobs(self.model, rows, temperature))
+                chunks.append(aligned_token_logprobs(self.model, rows, temperature, packed=self.policy.sequence_packing))
         return torch.cat(chunks)
+
+    def _micro_batches(self, batch: TrainBatch, max_rows: int) -> list[tuple[int, int]]:
+        lengths = batch.attention_mask_BT.sum(dim=-1).tolist()
+        return micro_batches(lengths, max_rows, self.policy.train_micro_batch_tokens)
 
     def train(self, batch: TrainBatch, temperature: float) -> dict[str, float]:
         """One or more optimizer steps over `batch` (train_global_batch_size samples each).
@@ -198,17 +208,17 @@ class PolicyTrainer:
         metrics: dict[str, float] = defaultdict(float)
         finite = True  # every micro-batch's loss so far
         lp_old_pieces = []
-        micro = self.policy.train_micro_batch_size
-        for start in range(0, len(batch), micro):
-            rows = batch.rows(start, start + micro).to(self.device)
+        packed = self.policy.sequence_packing
+        for start, stop in self._micro_batches(batch, self.policy.train_micro_batch_size):
+            rows = batch.rows(start, stop).to(self.device)
             with self.autocast():
-                logprobs_BT = aligned_token_logprobs(self.model, rows, temperature)
-            rows_old_BT = logprobs_BT.detach() if old_logprobs_BT is None else old_logprobs_BT[start : start + micro]
+                logprobs_BT = aligned_token_logprobs(self.model, rows, temperature, packed=packed)
+            rows_old_BT = logprobs_BT.detach() if old_logprobs_BT is None else old_logprobs_BT[start:stop]
             lp_old_pieces.append(rows_old_BT)
             ref_logprobs_BT = None
             if self.reference_model is not None:
                 with torch.no_grad(), self.autocast():
-                    ref_logprobs_BT = aligned_token_logprobs(self.reference_model, rows, temperature)
+                    ref_logprobs_BT = aligned_token_logprobs(self.reference_model, rows, temperature, packed=packed)
             loss, loss_metrics = clipped_pg_loss(
                 logprobs_BT,
                 rows_old_BT,
