@@ -26,9 +26,9 @@ from posttrain.metrics.logger import read_metrics
 
 pytestmark = pytest.mark.integration
 
-STEPS, STOP_AFTER = 5, 3
+STEPS = 5
 # A CPU-sized DAPO: generation batches of 16 prompts for 4 kept groups, so informative groups
-# beyond the 4 are carried over to the next step (and across the checkpoint at step 3).
+# beyond the 4 are carried over to the next step (and across the checkpoint the run is killed after).
 SMALL = [
     "logger.progress=false",
     "logger.tensorboard_enabled=false",
@@ -78,18 +78,28 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[name], b[name]), name  # bit for bit
 
 
+def carried_groups(checkpoint: Path) -> int:
+    groups = torch.load(checkpoint / "trainer_state.pt", weights_only=True)["loop"]["dynamic_sampling"]["groups"]
+    return int(groups["rewards"].shape[0]) if groups else 0
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[Path, Path]:
-    """(uninterrupted run, run killed after step STOP_AFTER's checkpoint and restarted)."""
+def stop_after_and_runs(tmp_path_factory) -> tuple[int, Path, Path]:
+    """(the step the run is killed after, uninterrupted run, run killed after that step's checkpoint
+    and restarted). The kill step is the first of steps 2..STEPS-1 whose checkpoint holds a
+    carried-over group (which step that is depends on the sampled trajectory)."""
     root = tmp_path_factory.mktemp("resume")
     uninterrupted, interrupted = root / "a", root / "b"
     run_grpo(config(uninterrupted), console=Console(enabled=False))
+    carrying = [s for s in range(2, STEPS) if carried_groups(uninterrupted / "checkpoints" / f"step_{s}")]
+    assert carrying, "the test needs a carried-over group across a checkpoint before the last step"
+    stop_after = carrying[0]
 
     real_save = grpo_loop.save
 
     def save_then_die(parts, trainer, buffer, step):
         real_save(parts, trainer, buffer, step)
-        if step == STOP_AFTER:
+        if step == stop_after:
             raise Killed
 
     with pytest.MonkeyPatch.context() as patch:
@@ -98,22 +108,25 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
             run_grpo(config(interrupted), console=Console(enabled=False))
     assert not (interrupted / "final_model").exists()
     run_grpo(config(interrupted), console=Console(enabled=False))
-    return uninterrupted, interrupted
+    return stop_after, uninterrupted, interrupted
 
 
-def test_resume_equals_the_uninterrupted_run(runs):
-    uninterrupted, interrupted = runs
-    checkpoint = interrupted / "checkpoints" / f"step_{STOP_AFTER}"
-    loop = torch.load(checkpoint / "trainer_state.pt", weights_only=True)["loop"]
-    carried = loop["dynamic_sampling"]["groups"]
-    assert carried and carried["rewards"].shape[0] > 0, "the test needs a carried-over group across the checkpoint"
+@pytest.fixture(scope="module")
+def runs(stop_after_and_runs) -> tuple[Path, Path]:
+    return stop_after_and_runs[1:]
+
+
+def test_resume_equals_the_uninterrupted_run(stop_after_and_runs):
+    stop_after, uninterrupted, interrupted = stop_after_and_runs
+    runs = uninterrupted, interrupted
+    assert carried_groups(interrupted / "checkpoints" / f"step_{stop_after}") > 0  # what the killed run saved
 
     reference, resumed = read_metrics(uninterrupted), read_metrics(interrupted)
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     assert [comparable(r) for r in resumed] == [comparable(r) for r in reference]  # exact, every metric
     assert len({r["train/lr"] for r in reference}) == STEPS  # the schedule really moved every step
 
-    for step in range(STOP_AFTER + 1, STEPS + 1):
+    for step in range(stop_after + 1, STEPS + 1):
         a, b = (run / "checkpoints" / f"step_{step}" for run in runs)
         assert_same_weights(weights(a / "model.safetensors"), weights(b / "model.safetensors"))
         state_a, state_b = (torch.load(c / "trainer_state.pt", weights_only=True) for c in (a, b))

@@ -21,6 +21,7 @@ from posttrain.models.family import is_dropped_key, map_checkpoint_key
 from posttrain.models.gemma4 import GEMMA4
 from posttrain.models.generic import GENERIC
 from posttrain.models.loading import CheckpointMismatchError, load_policy
+from posttrain.models.logprobs import token_logprobs
 from posttrain.models.registry import family_for
 from posttrain.models.tiny import tiny_gemma4_config, tiny_gemma4_multimodal_config
 
@@ -172,3 +173,26 @@ def test_generic_family_loads_a_qwen3_checkpoint_exactly(tmp_path):
         from posttrain.models.logprobs import token_logprobs
 
         token_logprobs(loaded, torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long), pixel_values=torch.zeros(1))
+
+
+def test_moe_checkpoints_load_with_grouped_expert_gemms_and_the_same_values(tmp_path):
+    """No per-expert Python loop in training: load_policy switches MoE experts to grouped GEMMs,
+    which give the eager loop's logprobs and gradients."""
+    torch.manual_seed(0)
+    config = tiny_gemma4_config(300, variant="moe")
+    Gemma4ForCausalLM(config).save_pretrained(tmp_path)
+    grouped = load_policy(tmp_path)
+    assert grouped.config._experts_implementation == "grouped_mm"
+    eager = load_policy(tmp_path)
+    eager.set_experts_implementation("eager")
+    ids_BT = torch.randint(3, 300, (3, 20), generator=torch.Generator().manual_seed(0))
+    results = []
+    for model in (grouped, eager):
+        logprobs_BT = token_logprobs(model, ids_BT, torch.ones_like(ids_BT))
+        logprobs_BT.sum().backward()
+        results.append((logprobs_BT.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (grouped_lp, grouped_grads), (eager_lp, eager_grads) = results
+    torch.testing.assert_close(grouped_lp, eager_lp, rtol=0, atol=1e-5)
+    assert grouped_grads.keys() == eager_grads.keys()
+    for name, grad in grouped_grads.items():
+        assert float((grad - eager_grads[name]).abs().max() / eager_grads[name].abs().max()) < 1e-5, name

@@ -149,7 +149,18 @@ def load_policy(
         raise CheckpointMismatchError(
             f"{path}: the checkpoint does not match {model_class.__name__} (family {family.name}): {listed}"
         )
+    use_grouped_experts(model)
     return model
+
+
+def use_grouped_experts(model: torch.nn.Module) -> bool:
+    """Mixture-of-experts layers run their experts as grouped GEMMs (torch's grouped_mm, with
+    transformers' fallback where it is unavailable) instead of transformers' default Python loop
+    over experts; same values (tests/unit/test_loading.py). Returns whether the model has experts."""
+    if not getattr(model.config.get_text_config(), "enable_moe_block", False):
+        return False
+    model.set_experts_implementation("grouped_mm")
+    return True
 
 
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
