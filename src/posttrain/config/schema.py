@@ -133,6 +133,16 @@ class PolicyConfig(Section):
             "null: by sample count only."
         ),
     )
+    fsdp_param_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description=(
+            "Under torchrun (several processes): the dtype FSDP2 gathers parameters in. float32: the one-process "
+            "arithmetic exactly (bf16 autocast compute); bfloat16: half the communication, bf16 norms."
+        ),
+    )
+    fsdp_offload: bool = Field(
+        False, description="Under torchrun: keep parameter shards, gradients and optimizer state in CPU memory (FSDP2 CPU offload)."
+    )
     sequence_packing: bool = Field(
         False,
         description=(

@@ -29,6 +29,7 @@ from posttrain.config.loss import LossConfig
 from posttrain.config.schema import PolicyConfig
 from posttrain.models.logprobs import packed_token_logprobs, token_logprobs
 from posttrain.training.batching import micro_batches
+from posttrain.training.distributed import Distributed, LogprobModule, all_reduce_sum, shard_policy
 
 
 class MasterWeightsError(TypeError):
@@ -101,9 +102,22 @@ class PolicyTrainer:
         *,
         total_optimizer_steps: int,
         reference_model: torch.nn.Module | None = None,
+        distributed: Distributed | None = None,
     ):
-        """`reference_model` (frozen) is needed only when the loss has a KL penalty (beta > 0)."""
+        """`reference_model` (frozen) is needed only when the loss has a KL penalty (beta > 0).
+        `distributed` (torchrun, world size > 1): the model is sharded with FSDP2 here, each rank
+        trains on its own rows, and the loss is normalized by the token count over all ranks."""
         assert_fp32_master_weights(model)
+        self.distributed = distributed or Distributed()
+        if self.distributed.enabled and policy.train_micro_batch_tokens is not None:
+            raise ValueError(
+                "policy.train_micro_batch_tokens: token-budget micro-batches would give ranks different numbers "
+                "of FSDP forward/backward passes; use train_micro_batch_size under torchrun"
+            )
+        if self.distributed.enabled:
+            self.logprob_module = shard_policy(model, param_dtype=policy.fsdp_param_dtype, offload=policy.fsdp_offload)
+        else:
+            self.logprob_module = LogprobModule(model)
         if loss.reference_policy_kl_penalty > 0 and reference_model is None:
             raise ValueError("loss_fn.reference_policy_kl_penalty > 0 needs a reference model")
         self.model = model
@@ -168,7 +182,7 @@ class PolicyTrainer:
         for start, stop in self._micro_batches(batch, size):
             rows = batch.rows(start, stop).to(self.device)
             with self.autocast():
-                chunks.append(aligned_token_logprobs(self.model, rows, temperature, packed=self.policy.sequence_packing))
+                chunks.append(self.logprob_module(rows.input_ids_BT, rows.attention_mask_BT, temperature, self.policy.sequence_packing))
         return torch.cat(chunks)
 
     def _micro_batches(self, batch: TrainBatch, max_rows: int) -> list[tuple[int, int]]:
@@ -205,6 +219,7 @@ class PolicyTrainer:
             global_normalizer = float(mask_BT.sum())
         else:
             global_normalizer = float((mask_BT.sum(dim=-1) > 0).sum())
+        global_normalizer = all_reduce_sum(global_normalizer, self.distributed, self.device)
         metrics: dict[str, float] = defaultdict(float)
         finite = True  # every micro-batch's loss so far
         lp_old_pieces = []
@@ -212,7 +227,7 @@ class PolicyTrainer:
         for start, stop in self._micro_batches(batch, self.policy.train_micro_batch_size):
             rows = batch.rows(start, stop).to(self.device)
             with self.autocast():
-                logprobs_BT = aligned_token_logprobs(self.model, rows, temperature, packed=packed)
+                logprobs_BT = self.logprob_module(rows.input_ids_BT, rows.attention_mask_BT, temperature, packed)
             rows_old_BT = logprobs_BT.detach() if old_logprobs_BT is None else old_logprobs_BT[start:stop]
             lp_old_pieces.append(rows_old_BT)
             ref_logprobs_BT = None
@@ -230,18 +245,23 @@ class PolicyTrainer:
                 ref_logprobs_BT=ref_logprobs_BT,
             )
             finite = finite and math.isfinite(loss_metrics["loss"])  # already a python float: no extra sync
-            if finite:  # after a non-finite loss the step is skipped: its backward would only be wasted
+            # After a non-finite loss the step is skipped and its backward would only be wasted; with
+            # several ranks every rank runs it anyway (each backward's reduce-scatter needs all of them).
+            if finite or self.distributed.enabled:
                 loss.backward()
             for key, value in loss_metrics.items():  # includes "loss": summed over micro-batches
                 metrics[key] += value
 
+        if self.distributed.enabled:  # normalized like the loss: the sums over ranks are the global values
+            metrics = defaultdict(float, {k: all_reduce_sum(v, self.distributed, self.device) for k, v in metrics.items()})
+            finite = math.isfinite(metrics["loss"])
         metrics["grad_norm"] = float("nan")
         if finite:
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad],
                 self.policy.max_grad_norm if self.policy.max_grad_norm is not None else float("inf"),
             )
-            metrics["grad_norm"] = float(grad_norm)
+            metrics["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             finite = math.isfinite(metrics["grad_norm"])
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]  # the lr this step uses
         if finite:
