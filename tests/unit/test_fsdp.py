@@ -1,6 +1,7 @@
 """FSDP2 data parallelism on CPU (gloo): two processes, each training on half the rows, take the
 same optimizer step as one process on all of them (loss, gradient norm, updated weights), for
-padded and packed micro-batches and different micro-batch x accumulation splits."""
+padded and packed micro-batches and different micro-batch x accumulation splits; the rollout
+engine's weights are refreshed from the shards exactly."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from transformers import Gemma4ForCausalLM
 from posttrain.config.loss import LossConfig
 from posttrain.config.schema import OptimizerConfig, PolicyConfig
 from posttrain.models.tiny import tiny_gemma4_config
+from posttrain.rollout.continuous_engine import ContinuousBatchingEngine
 from posttrain.training.distributed import Distributed
 from posttrain.training.trainer import PolicyTrainer, TrainBatch
 
@@ -59,14 +61,21 @@ def run_step(case: str, distributed: Distributed) -> tuple[dict[str, float], dic
         optimizer=OptimizerConfig(lr=1e-3, eps=1e-6),
     )
     policy = PolicyConfig(**{**fields, **overrides})
+    engine = ContinuousBatchingEngine(model, pad_token_id=0, precision="bfloat16_autocast")  # before sharding
     trainer = PolicyTrainer(model, policy, LossConfig(), total_optimizer_steps=1, distributed=distributed)
     share = ROWS // distributed.world_size
     batch = _batch().rows(distributed.rank * share, (distributed.rank + 1) * share)
     metrics = trainer.train(batch, temperature=0.9)
+    engine.refresh_weights(trainer.model.named_parameters())  # gathers the shards in bf16
     params = {}
     for name, param in trainer.model.named_parameters():
         full = param.full_tensor() if hasattr(param, "full_tensor") else param
         params[name] = full.detach().clone()
+    engine_params = dict(engine.model.named_parameters())
+    metrics["refresh_max_error"] = max(
+        float((engine_params[name].float() - params[name].to(engine_params[name].dtype).float()).abs().max())
+        for name in params
+    )
     return metrics, params
 
 
@@ -86,6 +95,7 @@ def test_two_processes_take_the_one_process_step(case, tmp_path):
     mp.start_processes(main, args=(2, _free_port(), str(out), case), nprocs=2, start_method="spawn")
     got = torch.load(out, weights_only=True)
     bf16 = case == "bf16_gathers"
+    assert got["metrics"]["refresh_max_error"] == expected_metrics["refresh_max_error"] == 0.0  # bit-exact copies
     # the first step's loss is -sum(A n) / N whatever the logprobs (ratio 1): the gradient carries the test
     assert got["metrics"]["loss"] == pytest.approx(expected_metrics["loss"], abs=1e-6)
     assert got["metrics"]["grad_norm"] == pytest.approx(expected_metrics["grad_norm"], rel=5e-2 if bf16 else 1e-5)

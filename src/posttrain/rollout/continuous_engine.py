@@ -165,9 +165,14 @@ class ContinuousBatchingEngine:
     @torch.no_grad()
     def refresh_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy the trainer's weights into the engine's tensors in place (casting to their dtype);
-        names the engine does not hold (dropped towers) are skipped."""
+        names the engine does not hold (dropped towers) are skipped. FSDP2-sharded parameters are
+        gathered (every rank calls this, in the same order), already cast, so the gather moves
+        bf16 bytes for a bf16 engine."""
         for name, tensor in named_tensors:
-            for target in self._targets.get(name, ()):
+            targets = self._targets.get(name, ())
+            if targets and hasattr(tensor, "full_tensor"):  # an FSDP2 shard: gather it in the engine's dtype
+                tensor = tensor.to(targets[0].dtype).full_tensor()
+            for target in targets:
                 target.copy_(tensor, non_blocking=True)
 
     # ----- state -----

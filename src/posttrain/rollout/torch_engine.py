@@ -58,6 +58,8 @@ class TorchRolloutEngine:
     def refresh_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         own = dict(self.model.named_parameters())
         for name, tensor in named_tensors:
+            if hasattr(tensor, "full_tensor"):  # an FSDP2 shard: gather it in this copy's dtype
+                tensor = tensor.to(own[name].dtype).full_tensor()
             own[name].copy_(tensor)
 
     def generate(
