@@ -1,0 +1,203 @@
+"""Training-step memory and speed on one GPU: the chunked logprob head vs the naive path.
+
+E2B preset shape (random init), fp32 master weights, bf16 autocast, activation checkpointing on
+(non-reentrant, per decoder layer). Each path runs forward + backward on the same tokens, warmed
+up, median of --repeats; peak memory is what is allocated above the weights at the start of the
+pass (weight gradients included):
+- hidden_only: the backbone alone, a scalar loss on its hidden states (no head at all);
+- naive: full logits -> fp32 log_softmax -> gather (transformers-style);
+- logprob: posttrain's `token_logprobs` (chunked head: softcap, temperature, log-softmax, gather).
+At 4 x 2048 tokens, then whether 8 x 4096 fits with the chunked head. Then a packed training
+step (`policy.sequence_packing`: sequences of --packed-len tokens concatenated, AdamW step
+included): tokens/s and model FLOPs utilization, and a memory breakdown.
+
+    python benchmarks/train_step.py --preset e2b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import Gemma4ForCausalLM
+
+from posttrain.config.loss import LossConfig
+from posttrain.config.schema import OptimizerConfig, PolicyConfig
+from posttrain.models.activation_checkpointing import enable_activation_checkpointing
+from posttrain.models.gemma4_presets import gemma4_preset_config, temper_random_init_attention
+from posttrain.models.logprobs import logprobs_from_logits, token_logprobs
+from posttrain.models.tiny import tiny_gemma4_config
+from posttrain.training.trainer import PolicyTrainer, TrainBatch
+
+GIB = 2**30
+H200_BF16_DENSE_FLOPS = 989e12
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def hidden_only_loss(model, ids_BT, mask_BT):
+    hidden_BTH = model.base_model(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False).last_hidden_state
+    return hidden_BTH.float().square().mean()
+
+
+def naive_loss(model, ids_BT, mask_BT):
+    hidden_BTH = model.base_model(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False).last_hidden_state
+    logits_BTV = model.lm_head(hidden_BTH)
+    cap = model.config.get_text_config().final_logit_softcapping
+    logits_BTV = cap * torch.tanh(logits_BTV.float() / cap)
+    return -logprobs_from_logits(logits_BTV[:, :-1], ids_BT[:, 1:], 1.0).mean()
+
+
+def chunked_loss(model, ids_BT, mask_BT):
+    return -token_logprobs(model, ids_BT, mask_BT).mean()
+
+
+def measure(model, loss_fn, batch: int, length: int, repeats: int, device: torch.device) -> dict | None:
+    """Median seconds and peak GiB above the starting allocation of forward + backward; None on OOM."""
+    vocab = model.config.get_text_config().vocab_size
+    ids_BT = torch.randint(3, vocab, (batch, length), device=device)
+    mask_BT = torch.ones_like(ids_BT)
+    seconds, peaks = [], []
+    try:
+        for attempt in range(repeats + 1):
+            model.zero_grad(set_to_none=True)
+            synchronize(device)
+            base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = loss_fn(model, ids_BT, mask_BT)
+            loss.backward()
+            synchronize(device)
+            if attempt:  # the first is warm-up
+                seconds.append(time.perf_counter() - start)
+                peaks.append((torch.cuda.max_memory_allocated() - base) / GIB if device.type == "cuda" else None)
+    except torch.OutOfMemoryError:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        return None
+    model.zero_grad(set_to_none=True)
+    return {"seconds": statistics.median(seconds), "peak_gib": peaks[-1]}
+
+
+def flops_per_token(config, context: int) -> float:
+    """Training FLOPs per token: 6 x matmul parameters (head included, embeddings' lookups not) plus
+    attention scores and values (12 x layers x heads x head_dim x attended keys, causal or windowed)."""
+    text = config.get_text_config()
+    with torch.device("meta"):
+        meta = Gemma4ForCausalLM(text)
+    matmul = sum(
+        m.weight.numel() for name, m in meta.named_modules() if isinstance(m, torch.nn.Linear) and "per_layer_model" not in name
+    )
+    attention = 0.0
+    for index, layer_type in enumerate(text.layer_types):
+        attn = meta.model.layers[index].self_attn
+        keys = min(context, text.sliding_window) if layer_type == "sliding_attention" else context / 2
+        attention += 12 * text.num_attention_heads * attn.head_dim * keys
+    return 6 * matmul + attention
+
+
+def packed_step(model, config, *, sequences: int, length: int, repeats: int, device: torch.device) -> dict:
+    policy = PolicyConfig(
+        precision="bfloat16",
+        train_global_batch_size=sequences,
+        train_micro_batch_size=sequences,
+        sequence_packing=True,
+        max_grad_norm=1.0,
+        optimizer=OptimizerConfig(lr=1e-6),
+    )
+    trainer = PolicyTrainer(model, policy, LossConfig(), total_optimizer_steps=repeats + 1)
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(3, vocab, (sequences, length), generator=gen)
+    batch = TrainBatch(
+        input_ids_BT=ids,
+        attention_mask_BT=torch.ones_like(ids),
+        loss_mask_BT=torch.ones_like(ids),
+        advantages_B=torch.linspace(-1, 1, sequences),
+        gen_logprobs_BT=torch.zeros(ids.shape),
+    )
+    seconds = []
+    for attempt in range(repeats + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        trainer.train(batch, temperature=1.0)
+        synchronize(device)
+        if attempt:
+            seconds.append(time.perf_counter() - start)
+    tokens = sequences * length
+    tok_per_s = tokens / statistics.median(seconds)
+    return {
+        "packed_sequences": sequences,
+        "packed_length": length,
+        "train_step_seconds": statistics.median(seconds),
+        "train_tok_per_s": tok_per_s,
+        "mfu": tok_per_s * flops_per_token(model.config, length) / H200_BF16_DENSE_FLOPS if device.type == "cuda" else None,
+        "optimizer_state_gib": sum(
+            t.numel() * t.element_size() for state in trainer.optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+        )
+        / GIB,
+        "peak_gib": torch.cuda.max_memory_allocated() / GIB if device.type == "cuda" else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="e2b", help="a Gemma 4 preset, or 'tiny' (CPU smoke run)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--packed-sequences", type=int, default=8)
+    parser.add_argument("--packed-len", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = tiny_gemma4_config(300) if args.preset == "tiny" else gemma4_preset_config(args.preset, text_only=True)
+    torch.manual_seed(0)
+    with device:
+        model = Gemma4ForCausalLM(config).float().train()
+    temper_random_init_attention(model)
+    enable_activation_checkpointing(model)
+    weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
+
+    paths = {"hidden_only": hidden_only_loss, "naive": naive_loss, "logprob": chunked_loss}
+    result: dict = {"preset": args.preset, "tokens": f"{args.batch} x {args.length}", "weights_gib": weights_gib}
+    for name, loss_fn in paths.items():
+        measured = measure(model, loss_fn, args.batch, args.length, args.repeats, device)
+        result[f"{name}_seconds"] = measured and measured["seconds"]
+        result[f"{name}_peak_gib"] = measured and measured["peak_gib"]
+        print(name, measured, flush=True)
+    big = measure(model, chunked_loss, 2 * args.batch, 2 * args.length, 1, device)
+    result["fits_8x4096"] = big is not None
+    result["logprob_8x4096_seconds"] = big and big["seconds"]
+    result["logprob_8x4096_peak_gib"] = big and big["peak_gib"]
+    if result["hidden_only_peak_gib"] is not None and result["logprob_peak_gib"] is not None:
+        result["logprob_extra_peak_gib"] = result["logprob_peak_gib"] - result["hidden_only_peak_gib"]
+        result["logprob_extra_seconds"] = result["logprob_seconds"] - result["hidden_only_seconds"]
+    if result["naive_peak_gib"] is not None and result["hidden_only_peak_gib"] is not None:
+        result["naive_extra_peak_gib"] = result["naive_peak_gib"] - result["hidden_only_peak_gib"]
+        result["naive_extra_seconds"] = result["naive_seconds"] - result["hidden_only_seconds"]
+    result["gradients_gib"] = weights_gib  # fp32 gradients of every trainable weight
+    result.update(packed_step(model, config, sequences=args.packed_sequences, length=args.packed_len, repeats=args.repeats, device=device))
+    result["torch"] = torch.__version__
+    result["gpu"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    result["command"] = "python benchmarks/train_step.py " + " ".join(sys.argv[1:])
+    print(json.dumps(result, indent=1))
+    gpu = result["gpu"].split()[-1].lower()
+    out = args.out or Path(__file__).parent / "results" / f"train_step-{gpu}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
