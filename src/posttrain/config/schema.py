@@ -140,9 +140,6 @@ class PolicyConfig(Section):
             "arithmetic exactly (bf16 autocast compute); bfloat16: half the communication, bf16 norms."
         ),
     )
-    fsdp_offload: bool = Field(
-        False, description="Under torchrun: keep parameter shards, gradients and optimizer state in CPU memory (FSDP2 CPU offload)."
-    )
     sequence_packing: bool = Field(
         False,
         description=(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from posttrain.models.logprobs import packed_token_logprobs, token_logprobs
 
@@ -82,16 +82,14 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(text_model.layers)
 
 
-def shard_policy(model: torch.nn.Module, *, param_dtype: str = "float32", offload: bool = False) -> LogprobModule:
+def shard_policy(model: torch.nn.Module, *, param_dtype: str = "float32") -> LogprobModule:
     """FSDP2 over the default process group: one unit per decoder layer, the rest in the root."""
     policy = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if param_dtype == "bfloat16" else torch.float32, reduce_dtype=torch.float32
     )
-    options = {"mp_policy": policy, "offload_policy": CPUOffloadPolicy() if offload else None}
-    options = {k: v for k, v in options.items() if v is not None}
     for layer in decoder_layers(model):
-        fully_shard(layer, **options)
-    root = fully_shard(LogprobModule(model), **options)
+        fully_shard(layer, mp_policy=policy)
+    root = fully_shard(LogprobModule(model), mp_policy=policy)
     for module in root.modules():
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)  # sum over ranks: the loss is globally normalized

@@ -115,7 +115,7 @@ class PolicyTrainer:
                 "of FSDP forward/backward passes; use train_micro_batch_size under torchrun"
             )
         if self.distributed.enabled:
-            self.logprob_module = shard_policy(model, param_dtype=policy.fsdp_param_dtype, offload=policy.fsdp_offload)
+            self.logprob_module = shard_policy(model, param_dtype=policy.fsdp_param_dtype)
         else:
             self.logprob_module = LogprobModule(model)
         if loss.reference_policy_kl_penalty > 0 and reference_model is None:
