@@ -27,7 +27,6 @@ from posttrain.algorithms.mismatch import gen_kl_error, token_mult_prob_error
 from posttrain.algorithms.pg_loss import clipped_pg_loss
 from posttrain.config.loss import LossConfig
 from posttrain.config.schema import PolicyConfig
-from posttrain.models.logprobs import packed_token_logprobs, token_logprobs
 from posttrain.training.batching import micro_batches
 from posttrain.training.distributed import Distributed, LogprobModule, all_reduce_sum, shard_policy
 
@@ -73,12 +72,9 @@ class TrainBatch:
 def aligned_token_logprobs(
     model: torch.nn.Module, batch: TrainBatch, temperature: float, *, packed: bool = False
 ) -> torch.Tensor:
-    """`token_logprobs` shifted to align with the batch's tokens: logprobs_BT[:, t] scores token t;
-    column 0 is 0. `packed`: computed as one packed sequence (same values, no padding computed)."""
-    if packed:
-        return packed_token_logprobs(model, batch.input_ids_BT, batch.attention_mask_BT, temperature=temperature)
-    logprobs_BT1 = token_logprobs(model, batch.input_ids_BT, batch.attention_mask_BT, temperature=temperature)
-    return torch.nn.functional.pad(logprobs_BT1, (1, 0), value=0.0)
+    """logprobs_BT[:, t] scores the batch's token t; column 0 is 0. `packed`: computed as one packed
+    sequence (same values, no padding computed)."""
+    return LogprobModule(model)(batch.input_ids_BT, batch.attention_mask_BT, temperature, packed)
 
 
 def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, decay: str) -> float:
