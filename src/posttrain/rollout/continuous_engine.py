@@ -2,7 +2,9 @@
 
 - Slots: up to `max_batch_size` sequences decode together, one token per step each. A finished
   sequence leaves its slot at the next sync point and a waiting prompt takes it (prefilled in
-  right-padded groups of at most `prefill_token_budget` tokens).
+  right-padded groups of at most `prefill_token_budget` tokens). Once nothing waits and the live
+  sequences fit in half the slots or fewer, they move into the first slots and decoding
+  continues with the smaller slot count (the tail of a batch no longer pays for empty slots).
 - The cache (`SlotKVCache`) holds Gemma 4's per-layer head sizes and KV-head counts, bounded rings
   for sliding-window layers and nothing for KV-shared layers.
 - Decode steps run without host syncs: token, logprob, length and stop bookkeeping stay on the
@@ -107,6 +109,7 @@ class GenerateStats:
     decode_steps: int = 0
     prefill_calls: int = 0
     graphs_captured: int = 0
+    compactions: int = 0  # times the live sequences moved into fewer slots
     key_lengths: list[int] = field(default_factory=list)
 
 
@@ -408,7 +411,30 @@ class ContinuousBatchingEngine:
                 torch.cuda.synchronize()
             stats.decode_seconds += time.perf_counter() - start
             admit()
+            live = [slot for slot in range(rows) if slot_prompt[slot] is not None]
+            if not waiting and live and slot_bucket(len(live), rows) < rows:
+                rows = self._compact(live, slot_prompt, slot_steps, slot_bucket(len(live), rows))
+                decode_rows = torch.arange(rows, device=self.device)
+                stats.compactions += 1
         return results
+
+    def _compact(self, live: list[int], slot_prompt: list, slot_steps: list[int], rows: int) -> int:
+        """Move the live sequences into slots 0..rows-1 (cache rows, tokens, bookkeeping), so that
+        the tail of a batch, once nothing waits, decodes with a smaller slot count. Returns rows."""
+        moving = [slot for slot in live if slot >= rows]
+        free = [slot for slot in range(rows) if slot_prompt[slot] is None]
+        if moving:
+            source = torch.tensor(moving, device=self.device)
+            target = torch.tensor(free[: len(moving)], device=self.device)
+            per_slot = [*self.cache.keys.values(), *self.cache.values.values()]
+            per_slot += [self.ids, self.positions, self.generated, self.active, self.stopped]
+            per_slot += [self.out_tokens, self.out_logprobs]
+            for tensor in per_slot:
+                tensor.index_copy_(0, target, tensor.index_select(0, source))
+            for old, new in zip(moving, free, strict=False):
+                slot_prompt[new], slot_steps[new] = slot_prompt[old], slot_steps[old]
+        del slot_prompt[rows:], slot_steps[rows:]
+        return rows
 
     def _apply_stop_strings(self, flags: torch.Tensor, slot_prompt: list[int | None], stop_strings) -> None:
         """End live sequences whose text contains a stop string, at the token that completes it."""
