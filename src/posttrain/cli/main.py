@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from datetime import datetime
@@ -46,14 +47,15 @@ def run(cfg: RecipeConfig) -> int:
     from posttrain.algorithms.dynamic_sampling import DynamicSamplingExhausted
     from posttrain.checkpoint.store import CheckpointOptimizerMismatchError
     from posttrain.data.sources import DataError
-    from posttrain.loops.grpo import run_grpo
+    from posttrain.loops.grpo import DistributedRecipeError, run_grpo
     from posttrain.metrics.console import Console
     from posttrain.models.freezing import FreezeConfigError
     from posttrain.models.loading import CheckpointMismatchError, CheckpointNotFoundError, RemoteCodeError
     from posttrain.training.trainer import MasterWeightsError, NonFiniteTrainingError
 
     transformers_logging.disable_progress_bar()  # posttrain shows its own progress
-    console = Console(enabled=cfg.logger.progress)
+    is_main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
+    console = Console(enabled=cfg.logger.progress and is_main_rank)
     start = time.perf_counter()
     try:
         result = run_grpo(cfg, console=console)
@@ -67,6 +69,7 @@ def run(cfg: RecipeConfig) -> int:
         MasterWeightsError,
         DynamicSamplingExhausted,
         NonFiniteTrainingError,
+        DistributedRecipeError,
     ) as error:
         # Problems with the user's data, checkpoint or settings: the message says what to do, a
         # traceback would only bury it. Checkpoints written so far stay usable for a resume.

@@ -27,6 +27,7 @@ from posttrain.loops.setup import RunParts, build_run
 from posttrain.loops.validation import validate
 from posttrain.metrics.console import Console
 from posttrain.metrics.logger import MetricsLogger
+from posttrain.training.distributed import Distributed, gather_groups, init_distributed
 from posttrain.training.trainer import NonFiniteTrainingError, PolicyTrainer, TrainBatch
 
 
@@ -93,18 +94,25 @@ def reference_policy(parts: RunParts, cfg: RecipeConfig) -> torch.nn.Module | No
 
 
 def collect_step_groups(
-    parts: RunParts, cfg: RecipeConfig, buffer: DynamicSamplingBuffer, step: int
+    parts: RunParts, cfg: RecipeConfig, buffer: DynamicSamplingBuffer, step: int, distributed: Distributed | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Generate and score one batch of prompt groups, or several until dynamic sampling has
-    `num_prompts_per_step` informative groups. Returns the groups to train on and metrics."""
+    `num_prompts_per_step` informative groups. Returns the groups to train on and metrics.
+
+    Under torchrun every rank draws the same prompts, generates and scores every world-th one,
+    and receives all ranks' groups: the dynamic-sampling decisions, the carry-over and the data
+    position are then the same on every rank, as in one process."""
+    distributed = distributed or Distributed()
+    rank, world = distributed.rank, distributed.world_size
     grpo = cfg.grpo
     num_prompts = grpo.num_prompts_per_step * (grpo.batch_multiplier if grpo.use_dynamic_sampling else 1)
     metrics: dict[str, float] = {}
     generated = []
     while True:
-        params = replace(parts.sampling_params, seed=grpo.seed * 1_000_003 + step * 1_009 + len(generated))
+        seed = grpo.seed * 1_000_003 + step * 1_009 + len(generated) + rank * 7_919_993
+        params = replace(parts.sampling_params, seed=seed)
         groups, timings = generate_and_score(
-            parts.train_prompts.next_batch(num_prompts),
+            parts.train_prompts.next_batch(num_prompts)[rank::world],
             engine=parts.engine,
             params=params,
             env=parts.env,
@@ -115,6 +123,7 @@ def collect_step_groups(
         )
         for key, value in timings.items():
             metrics[key] = metrics.get(key, 0.0) + value
+        groups = gather_groups(groups, distributed)
         generated.append(groups)
         if not grpo.use_dynamic_sampling:
             kept = groups
@@ -183,22 +192,55 @@ def check_nonfinite_streak(consecutive: int, limit: int, *, step: int, checkpoin
     )
 
 
-def run_grpo(cfg: RecipeConfig, *, console: Console) -> RunResult:
-    parts: RunParts = build_run(cfg, console=console)
+class DistributedRecipeError(ValueError):
+    """The recipe cannot run on this many processes (raised before any work)."""
+
+
+def check_distributed_recipe(cfg: RecipeConfig, world: int) -> None:
+    """What a torchrun launch needs from the recipe, checked before any work."""
     grpo, policy = cfg.grpo, cfg.policy
-    checkpoint = latest_checkpoint(parts.checkpoint_dir)
+    problems = []
+    if cfg.checkpointing.enabled or cfg.checkpointing.export_final:
+        problems.append(
+            "checkpointing.enabled and checkpointing.export_final: sharded checkpoints are not written yet; "
+            "set both to false for a multi-process run"
+        )
+    num_prompts = grpo.num_prompts_per_step * (grpo.batch_multiplier if grpo.use_dynamic_sampling else 1)
+    if num_prompts % world:
+        problems.append(f"grpo.num_prompts_per_step (x batch_multiplier) = {num_prompts}: must divide by {world} ranks")
+    if grpo.use_dynamic_sampling and grpo.num_prompts_per_step % world:
+        problems.append(f"grpo.num_prompts_per_step = {grpo.num_prompts_per_step}: must divide by {world} ranks")
+    if policy.train_global_batch_size % world:
+        problems.append(f"policy.train_global_batch_size = {policy.train_global_batch_size}: must divide by {world} ranks")
+    if problems:
+        raise DistributedRecipeError(f"this recipe cannot run on {world} processes: " + "; ".join(problems))
+
+
+def run_grpo(cfg: RecipeConfig, *, console: Console, distributed: Distributed | None = None) -> RunResult:
+    """The loop, in one process or (under torchrun) one per device: every rank generates its share
+    of each step's prompts, all ranks see all groups, each trains on its share of the samples
+    (FSDP2), and rank 0 logs."""
+    distributed = distributed or init_distributed()
+    if distributed.enabled:
+        check_distributed_recipe(cfg, distributed.world_size)
+    if not distributed.is_main:
+        console = Console(enabled=False)
+    parts: RunParts = build_run(cfg, console=console, distributed=distributed)
+    grpo, policy = cfg.grpo, cfg.policy
+    checkpoint = latest_checkpoint(parts.checkpoint_dir) if cfg.checkpointing.enabled or not distributed.enabled else None
     if checkpoint is None:
-        parts.run_warm_start()
+        parts.run_warm_start()  # the same on every rank; rank 0's weights are broadcast before sharding
     samples_per_step = grpo.num_prompts_per_step * grpo.num_generations_per_prompt
     trainer = PolicyTrainer(
         parts.model,
-        policy,
+        policy.model_copy(update={"train_global_batch_size": policy.train_global_batch_size // distributed.world_size}),
         cfg.loss_fn,
         total_optimizer_steps=grpo.max_num_steps * samples_per_step // policy.train_global_batch_size,
         reference_model=reference_policy(parts, cfg),
+        distributed=distributed,
     )
     buffer = DynamicSamplingBuffer(grpo.num_prompts_per_step, grpo.dynamic_sampling_max_gen_batches)
-    logger = MetricsLogger(parts.log_dir, tensorboard=cfg.logger.tensorboard_enabled)
+    logger = MetricsLogger(parts.log_dir, tensorboard=cfg.logger.tensorboard_enabled) if distributed.is_main else None
 
     start_step, validation_accuracy = 0, {}
     first_record = dict(parts.data_metrics)  # data/* counts, logged once with this run's first record
@@ -206,11 +248,13 @@ def run_grpo(cfg: RecipeConfig, *, console: Console) -> RunResult:
         start_step = restore(checkpoint, parts, trainer, buffer)
         console.note(f"resumed from {checkpoint} (step {start_step})")
     # Records an earlier attempt logged after this checkpoint (or, without one, at all) are redone.
-    logger.truncate_after(start_step if checkpoint is not None else -1)
+    if logger is not None:
+        logger.truncate_after(start_step if checkpoint is not None else -1)
     if checkpoint is None and grpo.val_at_start and parts.val_prompts:
         val = validate(parts, cfg, step=0)
         validation_accuracy[0] = val["validation/accuracy"]
-        logger.log(0, {**first_record, **val})
+        if logger is not None:
+            logger.log(0, {**first_record, **val})
         first_record = {}
         console.step_line(0, val)
 
@@ -218,11 +262,14 @@ def run_grpo(cfg: RecipeConfig, *, console: Console) -> RunResult:
     try:
         for step in range(start_step + 1, grpo.max_num_steps + 1):
             step_start = time.perf_counter()
-            kept, metrics = collect_step_groups(parts, cfg, buffer, step)
-            metrics.update(parts.env.pop_metrics())
+            kept, metrics = collect_step_groups(parts, cfg, buffer, step, distributed)
+            metrics.update(parts.env.pop_metrics())  # this rank's scoring (rank 0's is logged)
 
             train_start = time.perf_counter()
-            train_metrics = trainer.train(to_train_batch(kept, cfg), temperature=parts.sampling_params.temperature)
+            batch = to_train_batch(kept, cfg)
+            share = len(batch) // distributed.world_size  # each rank trains on its share of the samples
+            batch = batch.rows(distributed.rank * share, (distributed.rank + 1) * share)
+            train_metrics = trainer.train(batch, temperature=parts.sampling_params.temperature)
             metrics.update({f"train/{key}": value for key, value in train_metrics.items()})
             metrics["timing/training"] = time.perf_counter() - train_start
 
@@ -236,7 +283,8 @@ def run_grpo(cfg: RecipeConfig, *, console: Console) -> RunResult:
                 val = validate(parts, cfg, step=step)
                 validation_accuracy[step] = val["validation/accuracy"]
                 metrics.update(val)
-            logger.log(step, {**first_record, **metrics})
+            if logger is not None:
+                logger.log(step, {**first_record, **metrics})
             first_record = {}
             console.step_line(step, metrics)
             console.advance()
@@ -246,7 +294,8 @@ def run_grpo(cfg: RecipeConfig, *, console: Console) -> RunResult:
             if cfg.checkpointing.enabled and (step % cfg.checkpointing.save_period == 0 or is_last):
                 save(parts, trainer, buffer, step)
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
     console.stop_progress()
     if cfg.checkpointing.export_final:
         out = parts.log_dir / FINAL_MODEL_DIR  # this run's own: a resumed or re-run run replaces it

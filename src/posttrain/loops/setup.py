@@ -27,6 +27,7 @@ from posttrain.models.tiny import END_OF_TURN, save_tiny_gemma4, train_tokenizer
 from posttrain.rollout.base import RolloutEngine, SamplingParams
 from posttrain.rollout.continuous_engine import ContinuousBatchingEngine
 from posttrain.rollout.torch_engine import TorchRolloutEngine
+from posttrain.training.distributed import Distributed, barrier
 
 # generation.dtype -> (weight dtype of the generator copy, bf16 autocast)
 GENERATOR_PRECISION = {
@@ -180,10 +181,14 @@ def build_engine(
     )
 
 
-def build_run(cfg: RecipeConfig, *, console: Console) -> RunParts:
+def build_run(cfg: RecipeConfig, *, console: Console, distributed: Distributed | None = None) -> RunParts:
+    """Everything a run needs. Under torchrun every rank builds the same parts (rank 0 writes the
+    run directory's files; the others wait for them) on its own device."""
+    distributed = distributed or Distributed()
     log_dir = Path(cfg.logger.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    (log_dir / "config.yaml").write_text(dump_config(cfg))
+    if distributed.is_main:
+        (log_dir / "config.yaml").write_text(dump_config(cfg))
     checkpoint_dir = Path(cfg.checkpointing.checkpoint_dir or log_dir / "checkpoints")
     torch.manual_seed(cfg.grpo.seed)
 
@@ -191,8 +196,13 @@ def build_run(cfg: RecipeConfig, *, console: Console) -> RunParts:
     if cfg.policy.model_name:
         model_dir = Path(cfg.policy.model_name)
     else:
-        model_dir = prepare_tiny_model(cfg, data.train, log_dir / "init_model", template=data.template)
+        model_dir = log_dir / "init_model"
+        if distributed.is_main:
+            prepare_tiny_model(cfg, data.train, model_dir, template=data.template)
+        barrier(distributed)
     device = cfg.policy.device if cfg.policy.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and distributed.enabled:
+        device = f"cuda:{torch.cuda.current_device()}"  # init_distributed set this rank's device
     trust = cfg.policy.trust_remote_code
     model = load_policy(model_dir, text_only=cfg.policy.text_only, trust_remote_code=trust).to(device)
     console.note(apply_freeze_config(model, cfg.policy.freeze_config).describe())

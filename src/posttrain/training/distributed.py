@@ -87,6 +87,7 @@ def shard_policy(model: torch.nn.Module, *, param_dtype: str = "float32") -> Log
     policy = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if param_dtype == "bfloat16" else torch.float32, reduce_dtype=torch.float32
     )
+    broadcast_parameters(model)
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=policy)
     root = fully_shard(LogprobModule(model), mp_policy=policy)
@@ -95,3 +96,24 @@ def shard_policy(model: torch.nn.Module, *, param_dtype: str = "float32") -> Log
             module.set_gradient_divide_factor(1.0)  # sum over ranks: the loss is globally normalized
             module.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
     return root
+
+
+def barrier(distributed: Distributed) -> None:
+    if distributed.enabled:
+        dist.barrier()
+
+
+def gather_groups(groups: dict[str, torch.Tensor], distributed: Distributed) -> dict[str, torch.Tensor]:
+    """Every rank's [P_r, ...] prompt groups on every rank, in the order of the prompts they came
+    from when rank r generated prompts r, r + world, r + 2 world, ... (equal P_r on all ranks)."""
+    if not distributed.enabled:
+        return groups
+    gathered: list = [None] * distributed.world_size
+    dist.all_gather_object(gathered, {k: v.cpu() for k, v in groups.items()})
+    return {key: torch.stack([g[key] for g in gathered], dim=1).flatten(0, 1) for key in groups}
+
+
+def broadcast_parameters(model: torch.nn.Module) -> None:
+    """Rank 0's weights on every rank (before sharding: each rank's copy must be the same model)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(tensor.data, src=0)

@@ -274,4 +274,6 @@ class PolicyTrainer:
         old_BT = torch.cat(lp_old_pieces).to(mask_BT.device)
         metrics["token_mult_prob_error"] = token_mult_prob_error(batch.gen_logprobs_BT, old_BT, mask_BT)
         metrics["gen_kl_error"] = gen_kl_error(batch.gen_logprobs_BT, old_BT, mask_BT)
+        for key in ("token_mult_prob_error", "gen_kl_error"):  # ranks hold equal row counts: mean of means
+            metrics[key] = all_reduce_sum(metrics[key], self.distributed, self.device) / self.distributed.world_size
         return dict(metrics)
