@@ -74,20 +74,34 @@ def token_logprobs(
     forward and the backward.
     """
     inputs = forward_inputs(model, input_ids_BT, attention_mask_BT, multimodal_inputs)
+    batch, width = input_ids_BT.shape
+    sources_N = torch.arange(batch * width, device=input_ids_BT.device).view(batch, width)[:, :-1].reshape(-1)
     targets_BT1 = input_ids_BT[:, 1:]
+    logprobs_N = _logprobs_from_positions(model, inputs, sources_N, targets_BT1.reshape(-1), temperature, chunk_tokens)
+    return logprobs_N.view(targets_BT1.shape)
+
+
+def _logprobs_from_positions(
+    model: torch.nn.Module,
+    inputs: dict,
+    sources_N: torch.Tensor,
+    targets_N: torch.Tensor,
+    temperature: float,
+    chunk_tokens: int | None,
+) -> torch.Tensor:
+    """logprobs_N of targets_N predicted at the flattened [B * T] positions sources_N."""
     if not family_for(model.config).head_from_hidden_states:
-        logits_BTV = model(**inputs, use_cache=False).logits
-        return logprobs_from_logits(logits_BTV[:, :-1], targets_BT1, temperature)
-    hidden_BTH = model.base_model(**inputs, use_cache=False).last_hidden_state
-    logprobs_N = chunked_token_logprobs(
-        hidden_BTH[:, :-1].reshape(-1, hidden_BTH.shape[-1]),
+        logits_NV = model(**inputs, use_cache=False).logits.flatten(0, 1)[sources_N]
+        return logprobs_from_logits(logits_NV, targets_N, temperature)
+    hidden_NH = model.base_model(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)[sources_N]
+    return chunked_token_logprobs(
+        hidden_NH,
         model.get_output_embeddings().weight,
-        targets_BT1.reshape(-1),
+        targets_N,
         softcap=final_logit_softcap(model.config),
         temperature=temperature,
         chunk_tokens=chunk_tokens,
     )
-    return logprobs_N.view(targets_BT1.shape)
 
 
 def packed_token_logprobs(
@@ -115,19 +129,7 @@ def packed_token_logprobs(
     rows_N = torch.cat([torch.full((n - 1,), b, device=device) for b, n in enumerate(lengths)])
     columns_N = torch.cat([torch.arange(1, n, device=device) for n in lengths])
     targets_N = ids_1L[0, source_N + 1]
-    inputs = {"input_ids": ids_1L, "position_ids": positions_1L, "attention_mask": None, "use_cache": False}
-    if family_for(model.config).head_from_hidden_states:
-        hidden_NH = model.base_model(**inputs).last_hidden_state[0, source_N]
-        logprobs_N = chunked_token_logprobs(
-            hidden_NH,
-            model.get_output_embeddings().weight,
-            targets_N,
-            softcap=final_logit_softcap(model.config),
-            temperature=temperature,
-            chunk_tokens=chunk_tokens,
-        )
-    else:
-        logits_NV = model(**inputs).logits[0, source_N]
-        logprobs_N = logprobs_from_logits(logits_NV, targets_N, temperature)
+    inputs = {"input_ids": ids_1L, "position_ids": positions_1L, "attention_mask": None}
+    logprobs_N = _logprobs_from_positions(model, inputs, source_N, targets_N, temperature, chunk_tokens)
     logprobs_BT = torch.zeros(input_ids_BT.shape, dtype=logprobs_N.dtype, device=device)
     return logprobs_BT.index_put((rows_N, columns_N), logprobs_N)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -49,6 +49,21 @@ class Rollout:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: FinishReason
+
+
+def check_request(
+    prompts: list[list[int]],
+    params: SamplingParams,
+    multimodal: list[MultimodalPrompt | None] | None,
+    decode_text: Callable[[list[int]], str] | None,
+) -> None:
+    """The errors every engine raises for a malformed `generate` call."""
+    if multimodal is not None and len(multimodal) != len(prompts):
+        raise ValueError(f"{len(multimodal)} multimodal entries for {len(prompts)} prompts")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: every prompt needs at least one token")
+    if params.stop_strings and decode_text is None:
+        raise ValueError("stop_strings need the engine's decode_text (a tokenizer's decode)")
 
 
 class RolloutEngine(Protocol):

@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 
 from posttrain.models.registry import family_for
-from posttrain.rollout.base import MultimodalPrompt, Rollout, SamplingParams
+from posttrain.rollout.base import MultimodalPrompt, Rollout, SamplingParams, check_request
 from posttrain.rollout.decoder_stack import DecoderStack, decoder_stack
 from posttrain.rollout.sampling import first_stop_string_end, sample_with_noise
 from posttrain.rollout.slot_attention import SLOT_ATTENTION, decode_mask, prefill_mask
@@ -315,14 +315,9 @@ class ContinuousBatchingEngine:
         multimodal: list[MultimodalPrompt | None] | None = None,
     ) -> list[Rollout]:
         """One response per prompt, in order. `multimodal[i]` holds prompt i's images (None: text only)."""
-        if multimodal is not None and len(multimodal) != len(prompts):
-            raise ValueError(f"{len(multimodal)} multimodal entries for {len(prompts)} prompts")
+        check_request(prompts, params, multimodal, self.decode_text)
         if not prompts:
             return []
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("empty prompt: every prompt needs at least one token")
-        if params.stop_strings and self.decode_text is None:
-            raise ValueError("stop_strings need the engine's decode_text (a tokenizer's decode)")
         multimodal = multimodal or [None] * len(prompts)
         with torch.no_grad():
             return self._generate(prompts, params, multimodal)

@@ -19,7 +19,7 @@ from transformers import DynamicCache
 
 from posttrain.models.logprobs import forward_inputs
 from posttrain.models.registry import family_for
-from posttrain.rollout.base import MultimodalPrompt, Rollout, SamplingParams
+from posttrain.rollout.base import MultimodalPrompt, Rollout, SamplingParams, check_request
 from posttrain.rollout.sampling import first_stop_string_end, truncate_logits
 
 
@@ -69,10 +69,7 @@ class TorchRolloutEngine:
         multimodal: list[MultimodalPrompt | None] | None = None,
     ) -> list[Rollout]:
         """One response per prompt, in order. `multimodal[i]` holds prompt i's images (None: text only)."""
-        if multimodal is not None and len(multimodal) != len(prompts):
-            raise ValueError(f"{len(multimodal)} multimodal entries for {len(prompts)} prompts")
-        if params.stop_strings and self.decode_text is None:
-            raise ValueError("stop_strings need the engine's decode_text (a tokenizer's decode)")
+        check_request(prompts, params, multimodal, self.decode_text)
         generator = torch.Generator(device=self._device)
         if params.seed is not None:
             generator.manual_seed(params.seed)
