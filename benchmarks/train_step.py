@@ -29,6 +29,7 @@ from transformers import Gemma4ForCausalLM
 from posttrain.config.loss import LossConfig
 from posttrain.config.schema import OptimizerConfig, PolicyConfig
 from posttrain.models.activation_checkpointing import enable_activation_checkpointing
+from posttrain.models.family import final_logit_softcap, softcap_logits
 from posttrain.models.gemma4_presets import gemma4_preset_config, temper_random_init_attention
 from posttrain.models.logprobs import logprobs_from_logits, token_logprobs
 from posttrain.models.tiny import tiny_gemma4_config
@@ -50,9 +51,7 @@ def hidden_only_loss(model, ids_BT, mask_BT):
 
 def naive_loss(model, ids_BT, mask_BT):
     hidden_BTH = model.base_model(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False).last_hidden_state
-    logits_BTV = model.lm_head(hidden_BTH)
-    cap = model.config.get_text_config().final_logit_softcapping
-    logits_BTV = cap * torch.tanh(logits_BTV.float() / cap)
+    logits_BTV = softcap_logits(model.lm_head(hidden_BTH).float(), final_logit_softcap(model.config))
     return -logprobs_from_logits(logits_BTV[:, :-1], ids_BT[:, 1:], 1.0).mean()
 
 
