@@ -9,9 +9,12 @@ pass (weight gradients included):
 - logprob: posttrain's `token_logprobs` (chunked head: softcap, temperature, log-softmax, gather).
 At 4 x 2048 tokens, then whether 8 x 4096 fits with the chunked head. Then a packed training
 step (`policy.sequence_packing`: sequences of --packed-len tokens concatenated, AdamW step
-included): tokens/s and model FLOPs utilization, and a memory breakdown.
+included): tokens/s and model FLOPs utilization, and a memory breakdown, for each attention
+implementation in --packed-attn. With --moe-layers N, the same packed step for the 26B-A4B MoE
+preset cut to its first N layers (grouped expert GEMMs; all of it does not fit one GPU beside its
+fp32 optimizer state), for throughput beside the dense preset's.
 
-    python benchmarks/train_step.py --preset e2b
+    python benchmarks/train_step.py --preset e2b --moe-layers 6
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from posttrain.config.schema import OptimizerConfig, PolicyConfig
 from posttrain.models.activation_checkpointing import enable_activation_checkpointing
 from posttrain.models.family import final_logit_softcap, softcap_logits
 from posttrain.models.gemma4_presets import gemma4_preset_config, temper_random_init_attention
+from posttrain.models.loading import use_grouped_experts
 from posttrain.models.logprobs import logprobs_from_logits, token_logprobs
 from posttrain.models.tiny import tiny_gemma4_config
 from posttrain.training.trainer import PolicyTrainer, TrainBatch
@@ -89,14 +93,17 @@ def measure(model, loss_fn, batch: int, length: int, repeats: int, device: torch
 
 
 def flops_per_token(config, context: int) -> float:
-    """Training FLOPs per token: 6 x matmul parameters (head included, embeddings' lookups not) plus
-    attention scores and values (12 x layers x heads x head_dim x attended keys, causal or windowed)."""
+    """Training FLOPs per token: 6 x matmul parameters (head included, embeddings' lookups not; of
+    the experts only the top-k a token is routed to) plus attention scores and values (12 x layers
+    x heads x head_dim x attended keys, causal or windowed)."""
     text = config.get_text_config()
     with torch.device("meta"):
         meta = Gemma4ForCausalLM(text)
     matmul = sum(
         m.weight.numel() for name, m in meta.named_modules() if isinstance(m, torch.nn.Linear) and "per_layer_model" not in name
     )
+    routed = text.top_k_experts / text.num_experts if getattr(text, "enable_moe_block", False) else 0.0
+    matmul += routed * sum(p.numel() for name, p in meta.named_parameters() if ".experts." in name)
     attention = 0.0
     for index, layer_type in enumerate(text.layer_types):
         attn = meta.model.layers[index].self_attn
@@ -105,7 +112,7 @@ def flops_per_token(config, context: int) -> float:
     return 6 * matmul + attention
 
 
-def packed_step(model, config, *, sequences: int, length: int, repeats: int, device: torch.device) -> dict:
+def packed_step(model, *, sequences: int, length: int, repeats: int, device: torch.device) -> dict:
     policy = PolicyConfig(
         precision="bfloat16",
         train_global_batch_size=sequences,
@@ -126,6 +133,8 @@ def packed_step(model, config, *, sequences: int, length: int, repeats: int, dev
         gen_logprobs_BT=torch.zeros(ids.shape),
     )
     seconds = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for attempt in range(repeats + 1):
         synchronize(device)
         start = time.perf_counter()
@@ -135,18 +144,52 @@ def packed_step(model, config, *, sequences: int, length: int, repeats: int, dev
             seconds.append(time.perf_counter() - start)
     tokens = sequences * length
     tok_per_s = tokens / statistics.median(seconds)
+    optimizer_state_gib = (
+        sum(t.numel() * t.element_size() for state in trainer.optimizer.state.values() for t in state.values() if torch.is_tensor(t))
+        / GIB
+    )
+    del trainer
     return {
+        "attention": model.config.get_text_config()._attn_implementation,
         "packed_sequences": sequences,
         "packed_length": length,
         "train_step_seconds": statistics.median(seconds),
         "train_tok_per_s": tok_per_s,
         "mfu": tok_per_s * flops_per_token(model.config, length) / H200_BF16_DENSE_FLOPS if device.type == "cuda" else None,
-        "optimizer_state_gib": sum(
-            t.numel() * t.element_size() for state in trainer.optimizer.state.values() for t in state.values() if torch.is_tensor(t)
-        )
-        / GIB,
+        "optimizer_state_gib": optimizer_state_gib,
         "peak_gib": torch.cuda.max_memory_allocated() / GIB if device.type == "cuda" else None,
     }
+
+
+def packed_steps(model, attentions: list[str], args, device: torch.device) -> list[dict]:
+    """The packed step under each attention implementation; an implementation that fails is recorded."""
+    runs = []
+    for attention in attentions:
+        model.set_attn_implementation(attention)
+        try:
+            run = packed_step(model, sequences=args.packed_sequences, length=args.packed_len, repeats=args.repeats, device=device)
+        except Exception as error:  # noqa: BLE001 (e.g. a kernel that cannot take head_dim 512)
+            run = {"attention": attention, "error": f"{type(error).__name__}: {str(error)[:300]}"}
+        print("packed", run, flush=True)
+        runs.append(run)
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return runs
+
+
+def build_model(config, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with device:
+        model = Gemma4ForCausalLM(config).float().train()
+    temper_random_init_attention(model)
+    use_grouped_experts(model)
+    enable_activation_checkpointing(model)
+    return model
+
+
+def weights_gib(model: torch.nn.Module) -> float:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
 
 
 def main() -> None:
@@ -156,21 +199,20 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--packed-sequences", type=int, default=8)
     parser.add_argument("--packed-len", type=int, default=4096)
+    parser.add_argument("--packed-attn", default="sdpa,flex_attention", help="attention implementations for the packed step")
+    parser.add_argument("--moe-layers", type=int, default=0, help="also the packed step of 26B-A4B cut to N layers")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = tiny_gemma4_config(300) if args.preset == "tiny" else gemma4_preset_config(args.preset, text_only=True)
-    torch.manual_seed(0)
-    with device:
-        model = Gemma4ForCausalLM(config).float().train()
-    temper_random_init_attention(model)
-    enable_activation_checkpointing(model)
-    weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
+    model = build_model(config, device)
+    weights = weights_gib(model)
+    result_weights = {"weights_gib": weights}
 
     paths = {"hidden_only": hidden_only_loss, "naive": naive_loss, "logprob": chunked_loss}
-    result: dict = {"preset": args.preset, "tokens": f"{args.batch} x {args.length}", "weights_gib": weights_gib}
+    result: dict = {"preset": args.preset, "tokens": f"{args.batch} x {args.length}", **result_weights}
     for name, loss_fn in paths.items():
         measured = measure(model, loss_fn, args.batch, args.length, args.repeats, device)
         result[f"{name}_seconds"] = measured and measured["seconds"]
@@ -186,8 +228,34 @@ def main() -> None:
     if result["naive_peak_gib"] is not None and result["hidden_only_peak_gib"] is not None:
         result["naive_extra_peak_gib"] = result["naive_peak_gib"] - result["hidden_only_peak_gib"]
         result["naive_extra_seconds"] = result["naive_seconds"] - result["hidden_only_seconds"]
-    result["gradients_gib"] = weights_gib  # fp32 gradients of every trainable weight
-    result.update(packed_step(model, config, sequences=args.packed_sequences, length=args.packed_len, repeats=args.repeats, device=device))
+
+    runs = packed_steps(model, args.packed_attn.split(","), args, device)
+    best = max((r for r in runs if "error" not in r), key=lambda r: r["train_tok_per_s"])
+    result.update(best)
+    result["packed_runs"] = runs
+    if best["peak_gib"] is not None:
+        # 4 x 2048 tokens: gradients are part of each pass's peak above the weights
+        activations = result["hidden_only_peak_gib"] - weights if result["hidden_only_peak_gib"] else None
+        result["memory_breakdown_gib"] = {
+            "weights_fp32": weights,
+            "gradients_fp32": weights,
+            "optimizer_state": best["optimizer_state_gib"],
+            "activations_checkpointed_4x2048": activations,
+            "logprob_workspace_4x2048": result.get("logprob_extra_peak_gib"),
+            "packed_step_peak": best["peak_gib"],
+        }
+    del model
+    if args.moe_layers:
+        moe_config = (
+            tiny_gemma4_config(300, variant="moe") if args.preset == "tiny" else gemma4_preset_config("26b-a4b", text_only=True)
+        )
+        moe_config.num_hidden_layers = args.moe_layers
+        moe_config.layer_types = moe_config.layer_types[: args.moe_layers]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        moe_model = build_model(moe_config, device)
+        result["moe_26b_a4b"] = {"layers": args.moe_layers, "weights_gib": weights_gib(moe_model)}
+        result["moe_26b_a4b"]["packed_runs"] = packed_steps(moe_model, args.packed_attn.split(","), args, device)
     result["torch"] = torch.__version__
     result["gpu"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     result["command"] = "python benchmarks/train_step.py " + " ".join(sys.argv[1:])

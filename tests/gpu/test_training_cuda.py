@@ -1,0 +1,75 @@
+"""The training engine's CPU-tested paths on a CUDA device: the chunked head against the naive
+logits path (fp32), and packed rows against padded rows under SDPA and flex attention
+(document mask as a block mask), values and gradients.
+
+Run through the device tool: `python -m pytest tests/gpu -q -s` (skipped without CUDA).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Gemma4ForCausalLM
+
+from posttrain.models.family import final_logit_softcap, softcap_logits
+from posttrain.models.logprobs import logprobs_from_logits, packed_token_logprobs, token_logprobs
+from posttrain.models.tiny import tiny_gemma4_config
+
+pytestmark = pytest.mark.gpu
+
+LENGTHS = [37, 9, 64, 2, 21]  # right-padded rows; the long ones exceed the sliding window (8)
+
+
+def _rows(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    ids_BT = torch.zeros(len(LENGTHS), max(LENGTHS), dtype=torch.long)
+    mask_BT = torch.zeros_like(ids_BT)
+    for row, length in enumerate(LENGTHS):
+        ids_BT[row, :length] = torch.randint(3, vocab, (length,), generator=gen)
+        mask_BT[row, :length] = 1
+    return ids_BT.cuda(), mask_BT.cuda()
+
+
+def _model(variant: str = "basic") -> Gemma4ForCausalLM:
+    torch.manual_seed(0)
+    return Gemma4ForCausalLM(tiny_gemma4_config(300, variant=variant)).cuda().float()
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_chunked_head_equals_naive_logits_on_cuda():
+    model = _model()
+    ids_BT, mask_BT = _rows(300)
+    chunked = token_logprobs(model, ids_BT, mask_BT, temperature=0.7, chunk_tokens=16)
+    (chunked * mask_BT[:, 1:]).sum().backward()
+    chunked_grads = _grads(model)
+    hidden = model.base_model(input_ids=ids_BT, attention_mask=mask_BT).last_hidden_state
+    logits = softcap_logits(model.lm_head(hidden).float(), final_logit_softcap(model.config))
+    naive = logprobs_from_logits(logits[:, :-1], ids_BT[:, 1:], 0.7)
+    (naive * mask_BT[:, 1:]).sum().backward()
+    mask = mask_BT[:, 1:].bool()
+    torch.testing.assert_close(chunked[mask], naive[mask], rtol=0, atol=1e-5)
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=name)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex_attention"])
+@pytest.mark.parametrize("variant", ["basic", "e_series"])
+def test_packed_rows_equal_padded_rows_on_cuda(attention, variant):
+    model = _model(variant)
+    ids_BT, mask_BT = _rows(300)
+    padded = token_logprobs(model, ids_BT, mask_BT)
+    (padded * mask_BT[:, 1:]).sum().backward()
+    padded_grads = _grads(model)
+    model.set_attn_implementation(attention)
+    packed = packed_token_logprobs(model, ids_BT, mask_BT)[:, 1:]
+    (packed * mask_BT[:, 1:]).sum().backward()
+    mask = mask_BT[:, 1:].bool()
+    torch.testing.assert_close(packed[mask], padded[mask], rtol=0, atol=2e-5)
+    assert (packed[~mask] == 0).all()
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(grad, padded_grads[name], rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=name)
