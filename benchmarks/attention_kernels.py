@@ -30,6 +30,19 @@ SDPA_BACKENDS = {
 }
 
 
+# one pipeline stage and small tiles: what a head_dim-512 tile set needs to fit in shared memory
+SMALL_BLOCKS = {
+    "BLOCK_M": 32,
+    "BLOCK_N": 32,
+    "num_stages": 1,
+    "bwd_BLOCK_M1": 16,
+    "bwd_BLOCK_N1": 32,
+    "bwd_BLOCK_M2": 32,
+    "bwd_BLOCK_N2": 16,
+    "bwd_num_stages": 1,
+}
+
+
 def attended_pairs(documents: int, length: int, window: int | None) -> int:
     per_query = [min(q + 1, window) if window else q + 1 for q in range(length)]
     return documents * sum(per_query)
@@ -80,7 +93,7 @@ def run_case(backend: str, head_dim: int, window: int | None, documents: int, le
                 )
             out.sum().backward()
     else:
-        kernel_options = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_M1": 32, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 32} if backend == "flex_small_blocks" else None
+        kernel_options = SMALL_BLOCKS if backend == "flex_small_blocks" else None
         block_mask = create_block_mask(document_mask_mod(document_T, window), 1, None, total, total, device="cuda")
         compiled = torch.compile(flex_attention)
 

@@ -10,7 +10,7 @@ pass (weight gradients included):
 At 4 x 2048 tokens, then whether 8 x 4096 fits with the chunked head. Then a packed training
 step (`policy.sequence_packing`: sequences of --packed-len tokens concatenated, AdamW step
 included): tokens/s and model FLOPs utilization, and a memory breakdown, for each attention
-implementation in --packed-attn. With --moe-layers N, the same packed step for the 26B-A4B MoE
+implementation in --packed-attn (`policy.attention`). With --moe-layers N, the same packed step for the 26B-A4B MoE
 preset cut to its first N layers (grouped expert GEMMs; all of it does not fit one GPU beside its
 fp32 optimizer state), for throughput beside the dense preset's.
 
@@ -32,11 +32,13 @@ from transformers import Gemma4ForCausalLM
 from posttrain.config.loss import LossConfig
 from posttrain.config.schema import OptimizerConfig, PolicyConfig
 from posttrain.models.activation_checkpointing import enable_activation_checkpointing
+from posttrain.models.document_attention import resolve_training_attention, set_training_attention
 from posttrain.models.family import final_logit_softcap, softcap_logits
 from posttrain.models.gemma4_presets import gemma4_preset_config, temper_random_init_attention
 from posttrain.models.loading import use_grouped_experts
 from posttrain.models.logprobs import logprobs_from_logits, token_logprobs
 from posttrain.models.tiny import tiny_gemma4_config
+from posttrain.training.distributed import decoder_layers
 from posttrain.training.trainer import PolicyTrainer, TrainBatch
 
 GIB = 2**30
@@ -112,8 +114,9 @@ def flops_per_token(config, context: int) -> float:
     return 6 * matmul + attention
 
 
-def packed_step(model, *, sequences: int, length: int, repeats: int, device: torch.device) -> dict:
+def packed_step(model, *, attention: str, sequences: int, length: int, repeats: int, device: torch.device) -> dict:
     policy = PolicyConfig(
+        attention=attention,
         precision="bfloat16",
         train_global_batch_size=sequences,
         train_micro_batch_size=sequences,
@@ -165,9 +168,8 @@ def packed_steps(model, attentions: list[str], args, device: torch.device) -> li
     """The packed step under each attention implementation; an implementation that fails is recorded."""
     runs = []
     for attention in attentions:
-        model.set_attn_implementation(attention)
         try:
-            run = packed_step(model, sequences=args.packed_sequences, length=args.packed_len, repeats=args.repeats, device=device)
+            run = packed_step(model, attention=attention, sequences=args.packed_sequences, length=args.packed_len, repeats=args.repeats, device=device)
         except Exception as error:  # noqa: BLE001 (e.g. a kernel that cannot take head_dim 512)
             run = {"attention": attention, "error": f"{type(error).__name__}: {str(error)[:300]}"}
         print("packed", run, flush=True)
@@ -178,13 +180,14 @@ def packed_steps(model, attentions: list[str], args, device: torch.device) -> li
     return runs
 
 
-def build_model(config, device: torch.device) -> torch.nn.Module:
+def build_model(config, device: torch.device, attention: str) -> torch.nn.Module:
     torch.manual_seed(0)
     with device:
         model = Gemma4ForCausalLM(config).float().train()
     temper_random_init_attention(model)
     use_grouped_experts(model)
     enable_activation_checkpointing(model)
+    set_training_attention(model, resolve_training_attention(attention, model, device))  # as the trainer does
     return model
 
 
@@ -199,33 +202,45 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--packed-sequences", type=int, default=8)
     parser.add_argument("--packed-len", type=int, default=4096)
-    parser.add_argument("--packed-attn", default="sdpa,flex_attention", help="attention implementations for the packed step")
+    parser.add_argument("--attention", default="auto", help="policy.attention for the 4 x 2048 comparisons")
+    parser.add_argument("--packed-attn", default="auto", help="policy.attention values for the packed step, comma-separated")
     parser.add_argument("--moe-layers", type=int, default=0, help="also the packed step of 26B-A4B cut to N layers")
+    parser.add_argument("--packed-only", action="store_true", help="skip the 4 x 2048 comparisons")
+    parser.add_argument("--compile-layers", action="store_true", help="experiment: torch.compile each decoder layer")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = tiny_gemma4_config(300) if args.preset == "tiny" else gemma4_preset_config(args.preset, text_only=True)
-    model = build_model(config, device)
+    model = build_model(config, device, args.attention)
     weights = weights_gib(model)
     result_weights = {"weights_gib": weights}
 
-    paths = {"hidden_only": hidden_only_loss, "naive": naive_loss, "logprob": chunked_loss}
-    result: dict = {"preset": args.preset, "tokens": f"{args.batch} x {args.length}", **result_weights}
+    if args.compile_layers:
+        for layer in decoder_layers(model):
+            layer.compile()
+    paths = {} if args.packed_only else {"hidden_only": hidden_only_loss, "naive": naive_loss, "logprob": chunked_loss}
+    result: dict = {
+        "preset": args.preset,
+        "tokens": f"{args.batch} x {args.length}",
+        "attention": model.config._attn_implementation,
+        **result_weights,
+    }
     for name, loss_fn in paths.items():
         measured = measure(model, loss_fn, args.batch, args.length, args.repeats, device)
         result[f"{name}_seconds"] = measured and measured["seconds"]
         result[f"{name}_peak_gib"] = measured and measured["peak_gib"]
         print(name, measured, flush=True)
-    big = measure(model, chunked_loss, 2 * args.batch, 2 * args.length, 1, device)
+    big = None if args.packed_only else measure(model, chunked_loss, 2 * args.batch, 2 * args.length, 1, device)
     result["fits_8x4096"] = big is not None
     result["logprob_8x4096_seconds"] = big and big["seconds"]
     result["logprob_8x4096_peak_gib"] = big and big["peak_gib"]
-    if result["hidden_only_peak_gib"] is not None and result["logprob_peak_gib"] is not None:
+    result["compiled_layers"] = args.compile_layers
+    if result.get("hidden_only_peak_gib") is not None and result.get("logprob_peak_gib") is not None:
         result["logprob_extra_peak_gib"] = result["logprob_peak_gib"] - result["hidden_only_peak_gib"]
         result["logprob_extra_seconds"] = result["logprob_seconds"] - result["hidden_only_seconds"]
-    if result["naive_peak_gib"] is not None and result["hidden_only_peak_gib"] is not None:
+    if result.get("naive_peak_gib") is not None and result.get("hidden_only_peak_gib") is not None:
         result["naive_extra_peak_gib"] = result["naive_peak_gib"] - result["hidden_only_peak_gib"]
         result["naive_extra_seconds"] = result["naive_seconds"] - result["hidden_only_seconds"]
 
@@ -235,7 +250,7 @@ def main() -> None:
     result["packed_runs"] = runs
     if best["peak_gib"] is not None:
         # 4 x 2048 tokens: gradients are part of each pass's peak above the weights
-        activations = result["hidden_only_peak_gib"] - weights if result["hidden_only_peak_gib"] else None
+        activations = result["hidden_only_peak_gib"] - weights if result.get("hidden_only_peak_gib") else None
         result["memory_breakdown_gib"] = {
             "weights_fp32": weights,
             "gradients_fp32": weights,
@@ -253,7 +268,7 @@ def main() -> None:
         moe_config.layer_types = moe_config.layer_types[: args.moe_layers]
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        moe_model = build_model(moe_config, device)
+        moe_model = build_model(moe_config, device, args.attention)
         result["moe_26b_a4b"] = {"layers": args.moe_layers, "weights_gib": weights_gib(moe_model)}
         result["moe_26b_a4b"]["packed_runs"] = packed_steps(moe_model, args.packed_attn.split(","), args, device)
     result["torch"] = torch.__version__

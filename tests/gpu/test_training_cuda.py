@@ -11,6 +11,8 @@ import pytest
 import torch
 from transformers import Gemma4ForCausalLM
 
+from posttrain.models import document_attention
+from posttrain.models.document_attention import DOCUMENT_ATTENTION, set_training_attention
 from posttrain.models.family import final_logit_softcap, softcap_logits
 from posttrain.models.logprobs import logprobs_from_logits, packed_token_logprobs, token_logprobs
 from posttrain.models.tiny import tiny_gemma4_config
@@ -57,19 +59,29 @@ def test_chunked_head_equals_naive_logits_on_cuda():
         torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=name)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "flex_attention"])
-@pytest.mark.parametrize("variant", ["basic", "e_series"])
-def test_packed_rows_equal_padded_rows_on_cuda(attention, variant):
+@pytest.mark.parametrize("attention", ["sdpa", "flex_attention", "document", "document_segments"])
+@pytest.mark.parametrize("variant", ["basic", "dense", "e_series"])
+def test_packed_and_padded_rows_equal_sdpa_padded_rows_on_cuda(attention, variant, monkeypatch):
+    """transformers' SDPA and flex on packed rows; posttrain's document attention (flex block
+    masks, or per-document SDPA as for head_dim 512) on packed and on padded rows."""
     model = _model(variant)
     ids_BT, mask_BT = _rows(300)
-    padded = token_logprobs(model, ids_BT, mask_BT)
-    (padded * mask_BT[:, 1:]).sum().backward()
-    padded_grads = _grads(model)
-    model.set_attn_implementation(attention)
-    packed = packed_token_logprobs(model, ids_BT, mask_BT)[:, 1:]
-    (packed * mask_BT[:, 1:]).sum().backward()
+    expected = token_logprobs(model, ids_BT, mask_BT)
+    (expected * mask_BT[:, 1:]).sum().backward()
+    expected_grads = _grads(model)
+    runs = {}
+    if attention.startswith("document"):
+        if attention == "document_segments":
+            monkeypatch.setattr(document_attention, "FLEX_MAX_HEAD_DIM", 0)
+        set_training_attention(model, DOCUMENT_ATTENTION)
+        runs["padded"] = token_logprobs(model, ids_BT, mask_BT)
+    else:
+        model.set_attn_implementation(attention)
+    runs["packed"] = packed_token_logprobs(model, ids_BT, mask_BT)[:, 1:]
     mask = mask_BT[:, 1:].bool()
-    torch.testing.assert_close(packed[mask], padded[mask], rtol=0, atol=2e-5)
-    assert (packed[~mask] == 0).all()
-    for name, grad in _grads(model).items():
-        torch.testing.assert_close(grad, padded_grads[name], rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=name)
+    for run, got in runs.items():
+        torch.testing.assert_close(got[mask], expected[mask], rtol=0, atol=2e-5, msg=run)
+        (got * mask_BT[:, 1:]).sum().backward()
+        for name, grad in _grads(model).items():
+            scale = float(expected_grads[name].abs().max())
+            torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5 * scale, msg=f"{run} {name}")

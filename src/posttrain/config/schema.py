@@ -148,6 +148,15 @@ class PolicyConfig(Section):
             "Text-only batches."
         ),
     )
+    attention: Literal["auto", "document", "sdpa", "eager"] = Field(
+        "auto",
+        description=(
+            "Attention kernel for training and scoring. document: packed sequences, padding and sliding windows "
+            "as block masks for flex attention (per-document SDPA for heads wider than 256), never a dense "
+            "[T x T] mask; CUDA and text models only. sdpa / eager: transformers' implementations. auto: "
+            "document on CUDA for text models, sdpa otherwise. Rollout engines keep their own attention."
+        ),
+    )
     max_total_sequence_length: int = Field(
         4096,
         ge=2,

@@ -44,12 +44,65 @@ def _scaled_logits(
     hidden_CH: torch.Tensor, weight_VH: torch.Tensor, softcap: float | None, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(softcap(hidden @ W^T) / T in fp32, tanh(z / cap) or None)."""
-    logits_CV = (hidden_CH @ weight_VH.t()).to(_accumulate_dtype(weight_VH.dtype))
+    return _scale(hidden_CH @ weight_VH.t(), softcap, temperature)
+
+
+def _scale(logits_CV: torch.Tensor, softcap: float | None, temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    logits_CV = logits_CV.to(_accumulate_dtype(logits_CV.dtype))
     tanh_CV = None
     if softcap is not None:
         tanh_CV = torch.tanh(logits_CV / softcap)
         logits_CV = softcap * tanh_CV
     return logits_CV / temperature, tanh_CV
+
+
+def _chunk_logprobs(
+    logits_CV: torch.Tensor, targets_C: torch.Tensor, softcap: float | None, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprobs_C, logsumexp_C) of one chunk's raw logits (matmul output)."""
+    scaled_CV, _ = _scale(logits_CV, softcap, temperature)
+    lse_C = torch.logsumexp(scaled_CV, dim=-1)
+    return scaled_CV.gather(-1, targets_C.unsqueeze(-1)).squeeze(-1) - lse_C, lse_C
+
+
+def _chunk_logits_grad(
+    logits_CV: torch.Tensor,
+    targets_C: torch.Tensor,
+    lse_C: torch.Tensor,
+    grad_C: torch.Tensor,
+    softcap: float | None,
+    temperature: float,
+) -> torch.Tensor:
+    """d(sum grad * logprob) / d raw logits, in the logits' dtype (for the next matmuls)."""
+    scaled_CV, tanh_CV = _scale(logits_CV, softcap, temperature)
+    # d logprob / d scaled = onehot - p, times the incoming gradient
+    grad_CV = torch.exp(scaled_CV - lse_C.unsqueeze(-1)) * -grad_C.unsqueeze(-1)
+    grad_CV = grad_CV.scatter_add(-1, targets_C.unsqueeze(-1), grad_C.unsqueeze(-1).to(grad_CV.dtype))
+    if tanh_CV is not None:
+        grad_CV = grad_CV * (1 - tanh_CV.square())
+    return (grad_CV / temperature).to(logits_CV.dtype)
+
+
+_compiled: dict = {}
+
+
+def _fused(fn, device: torch.device):
+    """`fn` compiled on CUDA (one kernel per chunk instead of a dozen passes over its fp32 logits);
+    eager elsewhere."""
+    if device.type != "cuda":
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn)
+    return _compiled[fn]
+
+
+def _accumulate_outer(grad_weight_VH: torch.Tensor, grad_CV: torch.Tensor, hidden_CH: torch.Tensor) -> None:
+    """grad_weight += grad^T @ hidden, the product in the compute dtype, the sum in fp32: on CUDA one
+    bf16 GEMM accumulating into the fp32 buffer; elsewhere the product, then the add."""
+    if grad_CV.device.type == "cuda" and grad_CV.dtype != grad_weight_VH.dtype:
+        torch.addmm(grad_weight_VH, grad_CV.t(), hidden_CH, out_dtype=grad_weight_VH.dtype, out=grad_weight_VH)
+    else:
+        grad_weight_VH.add_(grad_CV.t() @ hidden_CH)
 
 
 class ChunkedTokenLogprobs(torch.autograd.Function):
@@ -59,13 +112,12 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         weight = weight_VH.to(dtype)
         logprobs_N = torch.empty(hidden_NH.shape[0], dtype=_accumulate_dtype(dtype), device=hidden_NH.device)
         lse_N = torch.empty_like(logprobs_N)
+        chunk_logprobs = _fused(_chunk_logprobs, hidden_NH.device)
         with torch.autocast(hidden_NH.device.type, enabled=False):
             for start in range(0, hidden_NH.shape[0], chunk_tokens):
                 stop = start + chunk_tokens
-                scaled_CV, _ = _scaled_logits(hidden_NH[start:stop].to(dtype), weight, softcap, temperature)
-                lse_N[start:stop] = torch.logsumexp(scaled_CV, dim=-1)
-                picked_C = scaled_CV.gather(-1, targets_N[start:stop].unsqueeze(-1)).squeeze(-1)
-                logprobs_N[start:stop] = picked_C - lse_N[start:stop]
+                logits_CV = hidden_NH[start:stop].to(dtype) @ weight.t()
+                logprobs_N[start:stop], lse_N[start:stop] = chunk_logprobs(logits_CV, targets_N[start:stop], softcap, temperature)
         ctx.save_for_backward(hidden_NH, weight_VH, targets_N, lse_N)
         ctx.softcap, ctx.temperature, ctx.chunk_tokens, ctx.dtype = softcap, temperature, chunk_tokens, dtype
         return logprobs_N
@@ -79,22 +131,19 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         grad_weight_VH = (
             torch.zeros_like(weight_VH, dtype=_accumulate_dtype(weight_VH.dtype)) if ctx.needs_input_grad[1] else None
         )
+        logits_grad = _fused(_chunk_logits_grad, hidden_NH.device)
+        grad_N = grad_N.contiguous()
         with torch.autocast(hidden_NH.device.type, enabled=False):
             for start in range(0, hidden_NH.shape[0], ctx.chunk_tokens):
                 stop = start + ctx.chunk_tokens
                 hidden_CH = hidden_NH[start:stop].to(dtype)
-                scaled_CV, tanh_CV = _scaled_logits(hidden_CH, weight, softcap, temperature)
-                # d logprob / d scaled = onehot - p, times the incoming gradient
-                grad_CV = torch.exp(scaled_CV - lse_N[start:stop].unsqueeze(-1)).mul_(-grad_N[start:stop].unsqueeze(-1))
-                grad_CV.scatter_add_(-1, targets_N[start:stop].unsqueeze(-1), grad_N[start:stop].unsqueeze(-1))
-                del scaled_CV
-                if tanh_CV is not None:
-                    grad_CV.mul_(1 - tanh_CV.square_())
-                grad_CV = grad_CV.div_(temperature).to(dtype)
+                grad_CV = logits_grad(
+                    hidden_CH @ weight.t(), targets_N[start:stop], lse_N[start:stop], grad_N[start:stop], softcap, temperature
+                )
                 if grad_hidden_NH is not None:
                     grad_hidden_NH[start:stop] = (grad_CV @ weight).to(hidden_NH.dtype)
-                if grad_weight_VH is not None:  # the product in the compute dtype, the sum in fp32
-                    grad_weight_VH.add_(grad_CV.t() @ hidden_CH)
+                if grad_weight_VH is not None:
+                    _accumulate_outer(grad_weight_VH, grad_CV, hidden_CH)
         if grad_weight_VH is not None:
             grad_weight_VH = grad_weight_VH.to(weight_VH.dtype)
         return grad_hidden_NH, grad_weight_VH, None, None, None, None

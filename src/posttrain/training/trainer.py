@@ -27,6 +27,7 @@ from posttrain.algorithms.mismatch import gen_kl_error, token_mult_prob_error
 from posttrain.algorithms.pg_loss import clipped_pg_loss
 from posttrain.config.loss import LossConfig
 from posttrain.config.schema import PolicyConfig
+from posttrain.models.document_attention import resolve_training_attention, set_training_attention
 from posttrain.training.batching import micro_batches
 from posttrain.training.distributed import Distributed, LogprobModule, all_reduce_sum, shard_policy
 
@@ -104,6 +105,10 @@ class PolicyTrainer:
         `distributed` (torchrun, world size > 1): the model is sharded with FSDP2 here, each rank
         trains on its own rows, and the loss is normalized by the token count over all ranks."""
         assert_fp32_master_weights(model)
+        self.attention = resolve_training_attention(policy.attention, model, next(model.parameters()).device)
+        for module in (model, reference_model):
+            if module is not None:
+                set_training_attention(module, self.attention)
         self.distributed = distributed or Distributed()
         if self.distributed.enabled and policy.train_micro_batch_tokens is not None:
             raise ValueError(

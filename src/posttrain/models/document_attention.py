@@ -1,0 +1,182 @@
+"""Training attention on CUDA without a dense [T x T] mask: document-masked, windowed, causal.
+
+transformers' SDPA path hands packed rows and sliding-window layers a dense boolean mask, which
+rules out the fused kernels' causal mode: every (query, key) pair is computed, 8x the useful work
+for eight 4k-token documents packed into one row, and far more on Gemma 4's 512-token-window
+layers (`benchmarks/attention_kernels.py`: 0.6-2.3 TFLOP/s useful on those shapes). Here:
+
+- Documents come from the positions: a position 0 starts a document (packed rows restart their
+  positions per sequence). Padding tokens form a document of their own, whichever side they are.
+- Layers with head_dim <= 256 run flex attention (compiled) with a block mask: blocks outside
+  the document, the window or the causal triangle are skipped, not computed.
+- Wider heads (Gemma 4's 512-wide global layers) exceed flex's shared-memory budget on H200 and
+  flash attention's head-size limit, so each document runs SDPA in causal mode on its own slice
+  (the memory-efficient kernel; with a dense mask only where a window also applies).
+
+Only self-attention over whole sequences (training and scoring: queries and keys the same
+tokens); the rollout engines keep their own attention. Gemma 4's bidirectional image blocks are
+not expressed here, so multimodal models stay on SDPA (`resolve_training_attention`).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+DOCUMENT_ATTENTION = "posttrain_document"
+ATTENTION_CHOICES = ("auto", "document", "sdpa", "eager")
+FLEX_MAX_HEAD_DIM = 256
+
+_compiled_flex = None
+
+
+def document_ids(position_ids_BT: torch.Tensor, padding_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """doc_BT[b, t] >= 1 numbers the documents of row b (a position 0 starts one); padding tokens
+    get 0, a document no real token belongs to, so no real query ever sees a padding key."""
+    doc_BT = (position_ids_BT == 0).long().cumsum(dim=-1) + 1
+    return doc_BT if padding_mask_BT is None else doc_BT * padding_mask_BT.long()
+
+
+def document_segments(doc_BT: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row, the (start, stop) token ranges of its documents."""
+    segments = []
+    for row in doc_BT.tolist():
+        bounds = [t for t in range(1, len(row)) if row[t] != row[t - 1]]
+        starts, stops = [0, *bounds], [*bounds, len(row)]
+        segments.append(list(zip(starts, stops, strict=True)))
+    return segments
+
+
+def _flex():
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415 (CUDA-only path)
+
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex
+
+
+def _block_mask(doc_BT: torch.Tensor, window: int | None):
+    from torch.nn.attention.flex_attention import create_block_mask  # noqa: PLC0415
+
+    def mask_mod(b, h, q, kv):
+        keep = (doc_BT[b, q] == doc_BT[b, kv]) & (kv <= q)
+        return keep & (q - kv < window) if window else keep
+
+    batch, length = doc_BT.shape
+    with warnings.catch_warnings():  # `_compile` builds the mask blockwise instead of as a dense [T x T]
+        warnings.filterwarnings("ignore", message=".*_compile flag on create_block_mask.*")
+        return create_block_mask(mask_mod, batch, None, length, length, device=doc_BT.device, _compile=True)
+
+
+class _Documents:
+    """One forward's documents, shared by its layers (and by their recomputation in backward):
+    keyed on the position_ids tensor the model passes to every layer."""
+
+    def __init__(self):
+        self.position_ids = None
+        self.entries: dict = {}
+
+    def get(self, position_ids_BT: torch.Tensor, padding_mask_BT: torch.Tensor | None, key, build):
+        if self.position_ids is not position_ids_BT:
+            self.position_ids, self.entries = position_ids_BT, {}
+            self.entries["doc"] = document_ids(position_ids_BT, padding_mask_BT)
+        if key not in self.entries:
+            self.entries[key] = build(self.entries["doc"])
+        return self.entries[key]
+
+
+_documents = _Documents()
+
+
+def _segment_attention(query, key, value, segments, window, scaling) -> torch.Tensor:
+    """SDPA per document slice, causal (plus a dense window mask of that document when windowed)."""
+    rows = []
+    for b, row_segments in enumerate(segments):
+        pieces = []
+        for start, stop in row_segments:
+            q, k, v = (t[b : b + 1, :, start:stop].contiguous() for t in (query, key, value))
+            mask = None
+            if window and stop - start > window:
+                offsets = torch.arange(stop - start, device=query.device)
+                distance = offsets[:, None] - offsets[None, :]
+                mask = (distance >= 0) & (distance < window)
+            pieces.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling))
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows, dim=0)
+
+
+def document_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    position_ids: torch.Tensor | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """query [B, H, T, D], key/value [B, KV, T, D] -> ([B, T, H, D], None), transformers' layout."""
+    batch, heads, length, head_dim = query.shape
+    if key.shape[2] != length:
+        raise NotImplementedError("document attention is for whole sequences (training, scoring), not cached decoding")
+    if dropout or softcap is not None or kwargs.get("s_aux") is not None:
+        raise NotImplementedError("document attention supports no attention dropout, softcap or sinks")
+    if position_ids is None:
+        position_ids = torch.arange(length, device=query.device).expand(batch, length)
+    padding_mask_BT = None if attention_mask is None else attention_mask[:, 0, 0, :]
+    window = sliding_window or getattr(module, "sliding_window", None)
+    if head_dim <= FLEX_MAX_HEAD_DIM:
+        block_mask = _documents.get(position_ids, padding_mask_BT, ("block", window), lambda doc: _block_mask(doc, window))
+        output = _flex()(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=key.shape[1] != heads)
+    else:
+        segments = _documents.get(position_ids, padding_mask_BT, "segments", document_segments)
+        groups = heads // key.shape[1]  # the memory-efficient kernel takes no grouped KV heads: expand (a view)
+        key = key[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, heads, length, head_dim)
+        value = value[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, heads, length, head_dim)
+        output = _segment_attention(query, key, value, segments, window, scaling)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def document_attention_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+    """What transformers' mask builder hands the layers: the padding mask as [B, 1, 1, T] (the
+    4-D layout transformers slices), or None. Documents, windows and causality come from the
+    positions inside `document_attention_forward`."""
+    return None if attention_mask is None else attention_mask[:, None, None, :]
+
+
+AttentionInterface.register(DOCUMENT_ATTENTION, document_attention_forward)
+AttentionMaskInterface.register(DOCUMENT_ATTENTION, document_attention_mask)
+
+
+def is_multimodal(model: torch.nn.Module) -> bool:
+    return model.config.get_text_config() is not model.config
+
+
+def resolve_training_attention(choice: str, model: torch.nn.Module, device: torch.device) -> str:
+    """`policy.attention` -> a transformers attention implementation. `auto`: document attention
+    for text models on CUDA, SDPA otherwise (flex has no CPU backward; multimodal masks)."""
+    if choice == "auto":
+        return DOCUMENT_ATTENTION if device.type == "cuda" and not is_multimodal(model) else "sdpa"
+    if choice == "document":
+        if device.type != "cuda":
+            raise ValueError("policy.attention=document needs CUDA (flex attention has no CPU backward); use auto or sdpa")
+        if is_multimodal(model):
+            raise ValueError("policy.attention=document does not express image attention; use auto or sdpa for multimodal models")
+        return DOCUMENT_ATTENTION
+    return choice
+
+
+def set_training_attention(model: torch.nn.Module, implementation: str) -> None:
+    if implementation == DOCUMENT_ATTENTION:  # text models only: one config
+        model.config._attn_implementation = implementation
+    elif model.config.get_text_config()._attn_implementation != implementation:
+        model.set_attn_implementation(implementation)

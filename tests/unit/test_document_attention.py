@@ -1,0 +1,118 @@
+"""Document attention (training on CUDA) computed on CPU: its per-document SDPA path, and its flex
+path run eagerly without gradients (flex has no CPU backward; tests/gpu covers gradients),
+against transformers' SDPA on padded rows. Tiny Gemma 4 models: windows of 8 exceeded, KV-shared
+layers, MoE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Gemma4ForCausalLM
+
+from posttrain.config.loss import LossConfig
+from posttrain.config.schema import OptimizerConfig, PolicyConfig
+from posttrain.models import document_attention
+from posttrain.models.document_attention import (
+    DOCUMENT_ATTENTION,
+    document_ids,
+    document_segments,
+    resolve_training_attention,
+    set_training_attention,
+)
+from posttrain.models.logprobs import packed_token_logprobs, token_logprobs
+from posttrain.models.tiny import tiny_gemma4_config
+from posttrain.rollout.torch_engine import TorchRolloutEngine
+from posttrain.training.trainer import PolicyTrainer
+
+pytestmark = pytest.mark.unit
+
+LENGTHS = [23, 9, 17, 2]
+
+
+def _rows(vocab: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    width = max(LENGTHS)
+    ids_BT = torch.zeros(len(LENGTHS), width, dtype=torch.long)
+    mask_BT = torch.zeros_like(ids_BT)
+    for row, length in enumerate(LENGTHS):
+        span = slice(width - length, width) if left else slice(0, length)
+        ids_BT[row, span] = torch.randint(3, vocab, (length,), generator=gen)
+        mask_BT[row, span] = 1
+    return ids_BT, mask_BT
+
+
+def test_documents_from_positions_and_padding():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 0, 0, 1, 2, 2]])
+    padding = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0]])
+    doc = document_ids(positions, padding)
+    assert doc.tolist() == [[2, 2, 2, 3, 3, 4], [0, 0, 4, 4, 4, 0]]
+    assert document_segments(doc) == [[(0, 3), (3, 5), (5, 6)], [(0, 2), (2, 5), (5, 6)]]
+
+
+def _grads(model):
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("variant", ["basic", "dense", "e_series", "moe"])
+def test_per_document_sdpa_equals_transformers_sdpa(variant, monkeypatch):
+    monkeypatch.setattr(document_attention, "FLEX_MAX_HEAD_DIM", 0)  # every layer takes the per-document path
+    torch.manual_seed(0)
+    model = Gemma4ForCausalLM(tiny_gemma4_config(300, variant=variant))
+    for left in (False, True):
+        ids_BT, mask_BT = _rows(300, left=left)
+        # tokens scored from a real token (a padding position's output is meaningless with any kernel)
+        mask = (mask_BT[:, 1:] * mask_BT[:, :-1]).bool()
+        expected = token_logprobs(model, ids_BT, mask_BT, temperature=0.8)
+        expected[mask].sum().backward()
+        expected_grads = _grads(model)
+        set_training_attention(model, DOCUMENT_ATTENTION)
+        runs = {"padded": token_logprobs(model, ids_BT, mask_BT, temperature=0.8)}
+        if not left:
+            runs["packed"] = packed_token_logprobs(model, ids_BT, mask_BT, temperature=0.8)[:, 1:]
+        for name, got in runs.items():
+            torch.testing.assert_close(got[mask], expected[mask], rtol=0, atol=1e-5, msg=f"{name} left={left}")
+            got[mask].sum().backward()
+            for param, grad in _grads(model).items():
+                scale = float(expected_grads[param].abs().max())
+                torch.testing.assert_close(grad, expected_grads[param], rtol=1e-4, atol=1e-5 * scale, msg=f"{name} {param}")
+        set_training_attention(model, "sdpa")
+
+
+@pytest.mark.parametrize("variant", ["basic", "e_series"])
+def test_flex_block_masks_equal_transformers_sdpa(variant, monkeypatch):
+    from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415
+
+    monkeypatch.setattr(document_attention, "_compiled_flex", flex_attention)  # eager on CPU
+    torch.manual_seed(0)
+    model = Gemma4ForCausalLM(tiny_gemma4_config(300, variant=variant)).eval()
+    ids_BT, mask_BT = _rows(300)
+    mask = mask_BT[:, 1:].bool()
+    with torch.no_grad():
+        expected = token_logprobs(model, ids_BT, mask_BT)
+        set_training_attention(model, DOCUMENT_ATTENTION)
+        padded = token_logprobs(model, ids_BT, mask_BT)
+        packed = packed_token_logprobs(model, ids_BT, mask_BT)[:, 1:]
+    torch.testing.assert_close(padded[mask], expected[mask], rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed[mask], expected[mask], rtol=0, atol=1e-5)
+
+
+def test_auto_picks_document_attention_only_for_text_models_on_cuda():
+    model = Gemma4ForCausalLM(tiny_gemma4_config(300))
+    assert resolve_training_attention("auto", model, torch.device("cpu")) == "sdpa"
+    assert resolve_training_attention("auto", model, torch.device("cuda")) == DOCUMENT_ATTENTION
+    assert resolve_training_attention("eager", model, torch.device("cpu")) == "eager"
+    with pytest.raises(ValueError, match="needs CUDA"):
+        resolve_training_attention("document", model, torch.device("cpu"))
+
+
+def test_trainer_sets_the_attention_and_generation_copies_do_not_keep_it():
+    model = Gemma4ForCausalLM(tiny_gemma4_config(300))
+    policy = PolicyConfig(precision="float32", train_global_batch_size=2, train_micro_batch_size=2, optimizer=OptimizerConfig())
+    PolicyTrainer(model, policy, LossConfig(), total_optimizer_steps=1)
+    assert model.config._attn_implementation == "sdpa"  # auto on CPU
+    set_training_attention(model, DOCUMENT_ATTENTION)  # as on CUDA
+    engine = TorchRolloutEngine(model, pad_token_id=0, dtype=torch.float32)
+    assert engine.model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == DOCUMENT_ATTENTION
