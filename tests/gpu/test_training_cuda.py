@@ -59,10 +59,10 @@ def test_chunked_head_equals_naive_logits_on_cuda():
         torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=name)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "flex_attention", "document", "document_segments"])
+@pytest.mark.parametrize("attention", ["sdpa", "document", "document_segments"])
 @pytest.mark.parametrize("variant", ["basic", "dense", "e_series"])
 def test_packed_and_padded_rows_equal_sdpa_padded_rows_on_cuda(attention, variant, monkeypatch):
-    """transformers' SDPA and flex on packed rows; posttrain's document attention (flex block
+    """transformers' SDPA on packed rows; posttrain's document attention (flex block
     masks, or per-document SDPA as for head_dim 512) on packed and on padded rows."""
     model = _model(variant)
     ids_BT, mask_BT = _rows(300)

@@ -52,11 +52,11 @@ def _batch() -> TrainBatch:
     return TrainBatch(ids, attention, loss, torch.linspace(-1, 1, ROWS), torch.zeros(ROWS, WIDTH))
 
 
-def run_step(case: str, distributed: Distributed) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """One optimizer step of `case` on this rank's rows; returns metrics and the full weights."""
+def run_step(case: str, distributed: Distributed, device: str = "cpu") -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """One optimizer step of `case` on this rank's rows; returns metrics and the full weights (on CPU)."""
     overrides, single_micro, rank_micro = CASES[case]
     torch.manual_seed(0)
-    model = Gemma4ForCausalLM(tiny_gemma4_config(300, variant=VARIANTS.get(case, "basic")))
+    model = Gemma4ForCausalLM(tiny_gemma4_config(300, variant=VARIANTS.get(case, "basic"))).to(device)
     use_grouped_experts(model)  # as load_policy does
     fields = dict(
         precision="float32",
@@ -72,13 +72,13 @@ def run_step(case: str, distributed: Distributed) -> tuple[dict[str, float], dic
     batch = _batch().rows(distributed.rank * share, (distributed.rank + 1) * share)
     metrics = trainer.train(batch, temperature=0.9)
     engine.refresh_weights(trainer.model.named_parameters())  # gathers the shards in bf16
-    full = lambda t: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()  # noqa: E731
+    full = lambda t: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()  # noqa: E731
     params = {name: full(param) for name, param in trainer.model.named_parameters()}
     # Adam's first moment after one step is (1 - beta1) * gradient: the gradient, gathered
     moments = {f"grad/{name}": full(trainer.optimizer.state[p]["exp_avg"]) / 0.1 for name, p in trainer.model.named_parameters()}
     engine_params = dict(engine.model.named_parameters())
     metrics["refresh_max_error"] = max(
-        float((engine_params[name].float() - params[name].to(engine_params[name].dtype).float()).abs().max())
+        float((engine_params[name].float().cpu() - params[name].to(engine_params[name].dtype).float()).abs().max())
         for name in params
     )
     return metrics, {**params, **moments}
@@ -98,7 +98,11 @@ def test_two_processes_take_the_one_process_step(case, tmp_path):
     from _fsdp_worker import main  # noqa: PLC0415
 
     mp.start_processes(main, args=(2, _free_port(), str(out), case), nprocs=2, start_method="spawn")
-    got = torch.load(out, weights_only=True)
+    check_two_processes(case, torch.load(out, weights_only=True), expected_metrics, expected_params)
+
+
+def check_two_processes(case: str, got: dict, expected_metrics: dict, expected_params: dict) -> None:
+    """Rank 0's saved step against the one-process step (also used by tests/gpu/test_fsdp_cuda.py)."""
     bf16 = case == "bf16_gathers"
     assert got["metrics"]["refresh_max_error"] == expected_metrics["refresh_max_error"] == 0.0  # bit-exact copies
     # the first step's loss is -sum(A n) / N whatever the logprobs (ratio 1): the gradient carries the test

@@ -1,0 +1,194 @@
+"""Whole DAPO steps timed by phase: a random-init Gemma 4 preset, one process or several (torchrun,
+FSDP2 training, every rank generating its share of the prompts on its own GPU with the rollout
+engine colocated, weights refreshed from the shards after each step).
+
+Workload: 8 prompts x 8 generations x 256 new tokens (stop tokens ignored, so every response is
+256 tokens), arithmetic prompts of ~30 tokens, DAPO's loss (clip-higher, token-level, overlong
+shaping, truncated importance sampling), beta 0, one optimizer step per rollout batch, bf16
+autocast over fp32 masters, activation checkpointing, sequence packing. Dynamic sampling is off:
+a random-init model's groups all score 0, so DAPO would discard every one of them.
+
+    python benchmarks/dapo_step.py --preset e2b
+    torchrun --nproc-per-node 2 benchmarks/dapo_step.py --preset e2b --baseline results/one_gpu.json
+
+Writes benchmarks/results/dapo_step-<gpu>[x<N>].json (rank 0): per-step phase seconds, steady-state
+means (the first step, which captures CUDA graphs and warms kernels, excluded), tokens/s per GPU and
+peak memory per GPU; --baseline puts a one-process result beside it. `--preset tiny` is a CPU
+smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from transformers import Gemma4ForCausalLM
+
+from posttrain.config import RecipeConfig, load_config
+from posttrain.data.arithmetic import arithmetic_samples
+from posttrain.loops.grpo import run_grpo
+from posttrain.metrics.console import Console
+from posttrain.metrics.logger import read_metrics
+from posttrain.models.gemma4_presets import gemma4_preset_config, temper_random_init_attention
+from posttrain.models.tiny import END_OF_TURN, tiny_gemma4_config, train_tokenizer
+from posttrain.training.distributed import barrier, init_distributed
+
+GIB = 2**30
+PHASES = ("generation", "scoring", "training", "weight_refresh", "total_step")
+
+
+def build_checkpoint(preset: str, out_dir: Path, device: torch.device) -> None:
+    """A random-init preset (tempered attention, bf16 safetensors) with a locally trained tokenizer."""
+    corpus = [s.prompt + " " + str(s.ground_truth) for s in arithmetic_samples(2000, seed=0, operation="max")]
+    tokenizer = train_tokenizer(corpus, vocab_size=512)
+    eos_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+    if preset == "tiny":
+        config = tiny_gemma4_config(len(tokenizer), variant="e_series", eos_token_ids=eos_ids)
+    else:
+        config = gemma4_preset_config(preset, text_only=True)
+        config.eos_token_id, config.pad_token_id, config.bos_token_id = eos_ids, tokenizer.pad_token_id, tokenizer.bos_token_id
+    torch.manual_seed(0)
+    with device:
+        model = Gemma4ForCausalLM(config)
+    temper_random_init_attention(model)
+    model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def recipe(checkpoint: Path, log_dir: Path, args, on_gpu: bool) -> dict:
+    return {
+        "policy": {
+            "model_name": str(checkpoint),
+            "text_only": True,
+            "precision": "bfloat16" if on_gpu else "float32",
+            "activation_checkpointing": True,
+            "sequence_packing": True,
+            "train_global_batch_size": args.prompts * args.generations,
+            "train_micro_batch_size": args.micro_batch,
+            "max_total_sequence_length": 64 + args.new_tokens,
+            "optimizer": {"lr": 1e-6},
+            "generation": {
+                "backend": args.backend,
+                "compile": args.compile,
+                "temperature": 1.0,
+                "max_new_tokens": args.new_tokens,
+                "stop_token_ids": [],  # every response is max_new_tokens long
+            },
+        },
+        "data": {
+            "train": {"type": "arithmetic", "operation": "max", "size": 2000, "seed": 0, "num_terms": 2, "max_value": 99},
+        },
+        "env": {"name": "math"},
+        "grpo": {
+            "num_prompts_per_step": args.prompts,
+            "num_generations_per_prompt": args.generations,
+            "max_num_steps": args.steps,
+            "use_dynamic_sampling": False,
+            "normalize_rewards": True,
+            "reward_shaping": {"enabled": True, "overlong_buffer_length": max(1, args.new_tokens // 8), "overlong_buffer_penalty": 1.0},
+            "val_period": 0,
+            "val_at_start": False,
+        },
+        "loss_fn": {
+            "reference_policy_kl_penalty": 0.0,
+            "ratio_clip_min": 0.2,
+            "ratio_clip_max": 0.28,
+            "ratio_clip_c": 10.0,
+            "token_level_loss": True,
+            "use_importance_sampling_correction": True,
+            "truncated_importance_sampling_type": "tis",
+            "truncated_importance_sampling_ratio": 2.0,
+        },
+        "warm_start": {"enabled": False},
+        "checkpointing": {"enabled": False, "export_final": False},
+        "logger": {"log_dir": str(log_dir), "progress": False, "tensorboard_enabled": False},
+    }
+
+
+def summarize(records: list[dict], world_size: int, peaks_gib: list[float], args) -> dict:
+    steps = [r for r in records if "timing/total_step" in r]
+    phases = {phase: [r.get(f"timing/{phase}", 0.0) for r in steps] for phase in PHASES}
+    steady = {phase: statistics.mean(values[1:] or values) for phase, values in phases.items()}
+    generated = [r["train/num_generated_samples"] * r["train/mean_gen_tokens_per_sample"] for r in steps]
+    return {
+        "world_size": world_size,
+        "workload": f"{args.prompts} prompts x {args.generations} generations x {args.new_tokens} new tokens",
+        "step_seconds": phases["total_step"],
+        "phase_seconds_per_step": phases,
+        "steady_state_phase_seconds": steady,
+        "generated_tokens_per_step": statistics.mean(generated),
+        "generated_tok_per_s_per_gpu": statistics.mean(generated) / steady["generation"] / world_size,
+        "step_tok_per_s_per_gpu": statistics.mean(generated) / steady["total_step"] / world_size,
+        "peak_gib_per_gpu": peaks_gib,
+        "token_mult_prob_error": [r.get("train/token_mult_prob_error") for r in steps],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="e2b")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/posttrain-dapo-bench"))
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--generations", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=16, help="samples per micro-batch, per process")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--backend", default="auto", help="policy.generation.backend")
+    parser.add_argument("--compile", action="store_true", help="policy.generation.compile (slow first step)")
+    parser.add_argument("--baseline", type=Path, default=None, help="a one-process result to put beside this one")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    distributed = init_distributed()
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    checkpoint = args.workdir / f"checkpoint-{args.preset}"
+    if distributed.is_main and not (checkpoint / "config.json").exists():
+        build_checkpoint(args.preset, checkpoint, device)
+    barrier(distributed)
+    if on_gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+    log_dir = args.workdir / f"run-{args.preset}-{distributed.world_size}proc"
+    recipe_path = args.workdir / f"recipe-{args.preset}-{distributed.world_size}proc.yaml"
+    if distributed.is_main:
+        recipe_path.write_text(yaml.safe_dump(recipe(checkpoint, log_dir, args, on_gpu), sort_keys=False))
+    barrier(distributed)
+    cfg = load_config(recipe_path, RecipeConfig)
+    run_grpo(cfg, console=Console(enabled=False), distributed=distributed)
+
+    peak = torch.cuda.max_memory_allocated() / GIB if on_gpu else 0.0
+    peaks = [peak]
+    if distributed.enabled:
+        peaks = [None] * distributed.world_size
+        dist.all_gather_object(peaks, peak)
+    if not distributed.is_main:
+        return
+    result = summarize(read_metrics(log_dir), distributed.world_size, peaks, args)
+    result.update(
+        preset=args.preset,
+        gpu=torch.cuda.get_device_name() if on_gpu else "cpu",
+        torch=torch.__version__,
+        command=(f"torchrun --nproc-per-node {distributed.world_size} " if distributed.enabled else "python ")
+        + "benchmarks/dapo_step.py "
+        + " ".join(sys.argv[1:]),
+    )
+    if args.baseline is not None:
+        result = {"this_run": result, "one_process": json.loads(args.baseline.read_text())}
+    print(json.dumps(result, indent=1))
+    gpu = result.get("gpu", result.get("this_run", {}).get("gpu", "cpu")).split()[-1].lower()
+    suffix = f"x{distributed.world_size}" if distributed.enabled else ""
+    out = args.out or Path(__file__).parent / "results" / f"dapo_step-{gpu}{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
