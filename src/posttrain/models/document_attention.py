@@ -136,6 +136,10 @@ def document_attention_forward(
     window = sliding_window or getattr(module, "sliding_window", None)
     if head_dim <= FLEX_MAX_HEAD_DIM:
         block_mask = _documents.get(position_ids, padding_mask_BT, ("block", window), lambda doc: _block_mask(doc, window))
+        # Contiguous inputs: compiled flex's backward has returned wrong key gradients for some input
+        # strides (pytorch#146377); a single KV head's [B, 1, T, D] view from transformers is such a
+        # case (measured: wrong o_proj gradients on the tiny dense model, tests/gpu/test_training_cuda.py).
+        query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
         output = _flex()(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=key.shape[1] != heads)
     else:
         segments = _documents.get(position_ids, padding_mask_BT, "segments", document_segments)
