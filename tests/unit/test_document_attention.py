@@ -1,5 +1,5 @@
-"""Document attention (training on CUDA) computed on CPU: its per-document SDPA path, and its flex
-path run eagerly without gradients (flex has no CPU backward; tests/gpu covers gradients),
+"""Document attention computed on CPU: per-document SDPA (values and gradients), and the flex
+variant run eagerly without gradients (flex has no CPU backward; tests/gpu covers gradients),
 against transformers' SDPA on padded rows. Tiny Gemma 4 models: windows of 8 exceeded, KV-shared
 layers, MoE."""
 
@@ -7,20 +7,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Gemma4ForCausalLM
+from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
 
 from posttrain.config.loss import LossConfig
 from posttrain.config.schema import OptimizerConfig, PolicyConfig
 from posttrain.models import document_attention
 from posttrain.models.document_attention import (
-    DOCUMENT_ATTENTION,
+    DOCUMENT_FLEX,
+    DOCUMENT_SDPA,
     document_ids,
     document_segments,
     resolve_training_attention,
     set_training_attention,
 )
 from posttrain.models.logprobs import packed_token_logprobs, token_logprobs
-from posttrain.models.tiny import tiny_gemma4_config
+from posttrain.models.tiny import tiny_gemma4_config, tiny_gemma4_multimodal_config
 from posttrain.rollout.torch_engine import TorchRolloutEngine
 from posttrain.training.trainer import PolicyTrainer
 
@@ -56,8 +57,7 @@ def _grads(model):
 
 
 @pytest.mark.parametrize("variant", ["basic", "dense", "e_series", "moe"])
-def test_per_document_sdpa_equals_transformers_sdpa(variant, monkeypatch):
-    monkeypatch.setattr(document_attention, "FLEX_MAX_HEAD_DIM", 0)  # every layer takes the per-document path
+def test_per_document_sdpa_equals_transformers_sdpa(variant):
     torch.manual_seed(0)
     model = Gemma4ForCausalLM(tiny_gemma4_config(300, variant=variant))
     for left in (False, True):
@@ -67,7 +67,7 @@ def test_per_document_sdpa_equals_transformers_sdpa(variant, monkeypatch):
         expected = token_logprobs(model, ids_BT, mask_BT, temperature=0.8)
         expected[mask].sum().backward()
         expected_grads = _grads(model)
-        set_training_attention(model, DOCUMENT_ATTENTION)
+        set_training_attention(model, DOCUMENT_SDPA)
         runs = {"padded": token_logprobs(model, ids_BT, mask_BT, temperature=0.8)}
         if not left:
             runs["packed"] = packed_token_logprobs(model, ids_BT, mask_BT, temperature=0.8)[:, 1:]
@@ -91,7 +91,7 @@ def test_flex_block_masks_equal_transformers_sdpa(variant, monkeypatch):
     mask = mask_BT[:, 1:].bool()
     with torch.no_grad():
         expected = token_logprobs(model, ids_BT, mask_BT)
-        set_training_attention(model, DOCUMENT_ATTENTION)
+        set_training_attention(model, DOCUMENT_FLEX)
         padded = token_logprobs(model, ids_BT, mask_BT)
         packed = packed_token_logprobs(model, ids_BT, mask_BT)[:, 1:]
     torch.testing.assert_close(padded[mask], expected[mask], rtol=0, atol=1e-5)
@@ -101,10 +101,16 @@ def test_flex_block_masks_equal_transformers_sdpa(variant, monkeypatch):
 def test_auto_picks_document_attention_only_for_text_models_on_cuda():
     model = Gemma4ForCausalLM(tiny_gemma4_config(300))
     assert resolve_training_attention("auto", model, torch.device("cpu")) == "sdpa"
-    assert resolve_training_attention("auto", model, torch.device("cuda")) == DOCUMENT_ATTENTION
+    assert resolve_training_attention("auto", model, torch.device("cuda")) == DOCUMENT_SDPA
+    assert resolve_training_attention("document", model, torch.device("cpu")) == DOCUMENT_SDPA
+    assert resolve_training_attention("document_flex", model, torch.device("cuda")) == DOCUMENT_FLEX
     assert resolve_training_attention("eager", model, torch.device("cpu")) == "eager"
     with pytest.raises(ValueError, match="needs CUDA"):
-        resolve_training_attention("document", model, torch.device("cpu"))
+        resolve_training_attention("document_flex", model, torch.device("cpu"))
+    multimodal = Gemma4ForConditionalGeneration(tiny_gemma4_multimodal_config(tiny_gemma4_config(300)))
+    assert resolve_training_attention("auto", multimodal, torch.device("cuda")) == "sdpa"
+    with pytest.raises(ValueError, match="image attention"):
+        resolve_training_attention("document", multimodal, torch.device("cuda"))
 
 
 def test_trainer_sets_the_attention_and_generation_copies_do_not_keep_it():
@@ -112,7 +118,7 @@ def test_trainer_sets_the_attention_and_generation_copies_do_not_keep_it():
     policy = PolicyConfig(precision="float32", train_global_batch_size=2, train_micro_batch_size=2, optimizer=OptimizerConfig())
     PolicyTrainer(model, policy, LossConfig(), total_optimizer_steps=1)
     assert model.config._attn_implementation == "sdpa"  # auto on CPU
-    set_training_attention(model, DOCUMENT_ATTENTION)  # as on CUDA
+    set_training_attention(model, DOCUMENT_SDPA)  # as on CUDA
     engine = TorchRolloutEngine(model, pad_token_id=0, dtype=torch.float32)
     assert engine.model.config._attn_implementation == "sdpa"
-    assert model.config._attn_implementation == DOCUMENT_ATTENTION
+    assert model.config._attn_implementation == DOCUMENT_SDPA

@@ -140,6 +140,14 @@ class PolicyConfig(Section):
             "arithmetic exactly (bf16 autocast compute); bfloat16: half the communication, bf16 norms."
         ),
     )
+    optimizer_offload: bool = Field(
+        False,
+        description=(
+            "Keep AdamW's state (and the fp32 copy it updates) in host memory and take the step on the CPU: 8 bytes "
+            "per parameter less on the GPU, the same update; the step then costs a host-memory pass over 16 bytes "
+            "per parameter. Under torchrun each rank offloads its shards."
+        ),
+    )
     sequence_packing: bool = Field(
         False,
         description=(
@@ -148,13 +156,14 @@ class PolicyConfig(Section):
             "Text-only batches."
         ),
     )
-    attention: Literal["auto", "document", "sdpa", "eager"] = Field(
+    attention: Literal["auto", "document", "document_flex", "sdpa", "eager"] = Field(
         "auto",
         description=(
-            "Attention kernel for training and scoring. document: packed sequences, padding and sliding windows "
-            "as block masks for flex attention (per-document SDPA for heads wider than 256), never a dense "
-            "[T x T] mask; CUDA and text models only. sdpa / eager: transformers' implementations. auto: "
-            "document on CUDA for text models, sdpa otherwise. Rollout engines keep their own attention."
+            "Attention kernel for training and scoring (text models). document: each packed sequence or padded row "
+            "runs SDPA on its own tokens, in causal mode, never a dense mask over the whole batch. document_flex "
+            "(CUDA, experimental: see docs/training.md): flex attention with block masks for heads up to 256 wide. "
+            "sdpa / eager: transformers' implementations. auto: document on CUDA for text models, otherwise the "
+            "implementation the model loaded with. Rollout engines keep their own attention."
         ),
     )
     max_total_sequence_length: int = Field(

@@ -7,11 +7,16 @@ layers (`benchmarks/attention_kernels.py`: 0.6-2.3 TFLOP/s useful on those shape
 
 - Documents come from the positions: a position 0 starts a document (packed rows restart their
   positions per sequence). Padding tokens form a document of their own, whichever side they are.
-- Layers with head_dim <= 256 run flex attention (compiled) with a block mask: blocks outside
-  the document, the window or the causal triangle are skipped, not computed.
-- Wider heads (Gemma 4's 512-wide global layers) exceed flex's shared-memory budget on H200 and
-  flash attention's head-size limit, so each document runs SDPA in causal mode on its own slice
-  (the memory-efficient kernel; with a dense mask only where a window also applies).
+- `document` (DOCUMENT_SDPA): each document runs SDPA on its own slice, in causal mode (a dense
+  mask of that document only where a window applies). Standard kernels; gradients checked on
+  CUDA (tests/gpu/test_training_cuda.py). The default on CUDA.
+- `document_flex` (DOCUMENT_FLEX): layers with head_dim <= 256 run compiled flex attention with a
+  block mask (blocks outside the document, the window or the causal triangle are skipped);
+  wider heads (Gemma 4's 512-wide global layers exceed flex's shared memory on H200 and flash
+  attention's head-size limit) take the per-document SDPA path. Faster on windowed layers, but
+  EXPERIMENTAL: on the device its key/value gradients disagreed with SDPA's on the tiny `dense`
+  variant (4 query heads over 1 KV head, k_eq_v), values agreeing; inputs are now made
+  contiguous (a stride-dependent flex backward bug, pytorch#146377), not yet re-checked there.
 
 Only self-attention over whole sequences (training and scoring: queries and keys the same
 tokens); the rollout engines keep their own attention. Gemma 4's bidirectional image blocks are
@@ -27,8 +32,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-DOCUMENT_ATTENTION = "posttrain_document"
-ATTENTION_CHOICES = ("auto", "document", "sdpa", "eager")
+DOCUMENT_SDPA = "posttrain_document_sdpa"
+DOCUMENT_FLEX = "posttrain_document_flex"
+DOCUMENT_IMPLEMENTATIONS = {"document": DOCUMENT_SDPA, "document_flex": DOCUMENT_FLEX}
 FLEX_MAX_HEAD_DIM = 256
 
 _compiled_flex = None
@@ -122,6 +128,7 @@ def document_attention_forward(
     sliding_window: int | None = None,
     position_ids: torch.Tensor | None = None,
     softcap: float | None = None,
+    use_flex: bool = False,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """query [B, H, T, D], key/value [B, KV, T, D] -> ([B, T, H, D], None), transformers' layout."""
@@ -134,11 +141,10 @@ def document_attention_forward(
         position_ids = torch.arange(length, device=query.device).expand(batch, length)
     padding_mask_BT = None if attention_mask is None else attention_mask[:, 0, 0, :]
     window = sliding_window or getattr(module, "sliding_window", None)
-    if head_dim <= FLEX_MAX_HEAD_DIM:
+    if use_flex and head_dim <= FLEX_MAX_HEAD_DIM:
         block_mask = _documents.get(position_ids, padding_mask_BT, ("block", window), lambda doc: _block_mask(doc, window))
-        # Contiguous inputs: compiled flex's backward has returned wrong key gradients for some input
-        # strides (pytorch#146377); a single KV head's [B, 1, T, D] view from transformers is such a
-        # case (measured: wrong o_proj gradients on the tiny dense model, tests/gpu/test_training_cuda.py).
+        # Contiguous inputs: compiled flex's backward has returned wrong key gradients for some
+        # input strides (pytorch#146377); see the module docstring.
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
         output = _flex()(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=key.shape[1] != heads)
     else:
@@ -157,8 +163,14 @@ def document_attention_mask(*args, attention_mask: torch.Tensor | None = None, *
     return None if attention_mask is None else attention_mask[:, None, None, :]
 
 
-AttentionInterface.register(DOCUMENT_ATTENTION, document_attention_forward)
-AttentionMaskInterface.register(DOCUMENT_ATTENTION, document_attention_mask)
+def _document_flex_forward(*args, **kwargs) -> tuple[torch.Tensor, None]:
+    return document_attention_forward(*args, use_flex=True, **kwargs)
+
+
+AttentionInterface.register(DOCUMENT_SDPA, document_attention_forward)
+AttentionInterface.register(DOCUMENT_FLEX, _document_flex_forward)
+for _name in (DOCUMENT_SDPA, DOCUMENT_FLEX):
+    AttentionMaskInterface.register(_name, document_attention_mask)
 
 
 def is_multimodal(model: torch.nn.Module) -> bool:
@@ -166,21 +178,28 @@ def is_multimodal(model: torch.nn.Module) -> bool:
 
 
 def resolve_training_attention(choice: str, model: torch.nn.Module, device: torch.device) -> str:
-    """`policy.attention` -> a transformers attention implementation. `auto`: document attention
-    for text models on CUDA, SDPA otherwise (flex has no CPU backward; multimodal masks)."""
+    """`policy.attention` -> a transformers attention implementation. `auto`: per-document SDPA for
+    text models on CUDA, otherwise the implementation the model was loaded with (CPU runs stay as
+    they were; multimodal models need Gemma 4's image masks)."""
     if choice == "auto":
-        return DOCUMENT_ATTENTION if device.type == "cuda" and not is_multimodal(model) else "sdpa"
-    if choice == "document":
-        if device.type != "cuda":
-            raise ValueError("policy.attention=document needs CUDA (flex attention has no CPU backward); use auto or sdpa")
+        if device.type == "cuda" and not is_multimodal(model):
+            return DOCUMENT_SDPA
+        return model.config.get_text_config()._attn_implementation
+    if choice in DOCUMENT_IMPLEMENTATIONS:
         if is_multimodal(model):
-            raise ValueError("policy.attention=document does not express image attention; use auto or sdpa for multimodal models")
-        return DOCUMENT_ATTENTION
+            raise ValueError(f"policy.attention={choice} does not express image attention; use auto or sdpa for multimodal models")
+        if choice == "document_flex" and device.type != "cuda":
+            raise ValueError("policy.attention=document_flex needs CUDA (flex attention has no CPU backward); use document")
+        return DOCUMENT_IMPLEMENTATIONS[choice]
     return choice
 
 
+def is_document_attention(implementation: str) -> bool:
+    return implementation in DOCUMENT_IMPLEMENTATIONS.values()
+
+
 def set_training_attention(model: torch.nn.Module, implementation: str) -> None:
-    if implementation == DOCUMENT_ATTENTION:  # text models only: one config
+    if is_document_attention(implementation):  # text models only: one config
         model.config._attn_implementation = implementation
     elif model.config.get_text_config()._attn_implementation != implementation:
         model.set_attn_implementation(implementation)

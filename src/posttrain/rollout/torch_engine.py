@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 import torch
 from transformers import DynamicCache
 
-from posttrain.models.document_attention import DOCUMENT_ATTENTION
+from posttrain.models.document_attention import is_document_attention
 from posttrain.models.logprobs import forward_inputs
 from posttrain.models.registry import family_for
 from posttrain.rollout.base import MultimodalPrompt, Rollout, SamplingParams, check_request
@@ -48,7 +48,7 @@ class TorchRolloutEngine:
         the trainer's numerics: bf16 matmuls, fp32 residual stream and norms)."""
         self.decode_text = decode_text  # token ids -> text, for stop strings
         self.model = copy.deepcopy(model).to(dtype).eval()
-        if self.model.config.get_text_config()._attn_implementation == DOCUMENT_ATTENTION:  # training-only kernel
+        if is_document_attention(self.model.config.get_text_config()._attn_implementation):  # training-only kernels
             self.model.set_attn_implementation("sdpa")
         self.autocast = autocast
         self.model.requires_grad_(False)

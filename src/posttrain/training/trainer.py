@@ -30,6 +30,7 @@ from posttrain.config.schema import PolicyConfig
 from posttrain.models.document_attention import resolve_training_attention, set_training_attention
 from posttrain.training.batching import micro_batches
 from posttrain.training.distributed import Distributed, LogprobModule, all_reduce_sum, shard_policy
+from posttrain.training.offload import HostAdamW
 
 
 class MasterWeightsError(TypeError):
@@ -126,7 +127,8 @@ class PolicyTrainer:
         self.policy = policy
         self.loss_cfg = loss
         opt = policy.optimizer
-        self.optimizer = torch.optim.AdamW(
+        optimizer_class = HostAdamW if policy.optimizer_offload else torch.optim.AdamW
+        self.optimizer = optimizer_class(
             [p for p in model.parameters() if p.requires_grad],
             lr=opt.lr,
             betas=opt.betas,
