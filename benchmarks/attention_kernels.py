@@ -1,7 +1,8 @@
 """Which attention kernel trains Gemma 4's layers fastest: forward + backward of one attention call
 at the E2B shape (8 query heads, 1 KV head; sliding layers head_dim 256 with a 512-token window,
 full layers head_dim 512), bf16, for each of PyTorch's SDPA backends and for flex attention
-(compiled), on one 4096-token sequence and on 8 such sequences packed into one row (document mask).
+(compiled), and for posttrain's blocked-GEMM attention (`models/blocked_attention.py`), on one
+4096-token sequence and on 8 such sequences packed into one row (document mask).
 
 Useful FLOPs count only the attended (query, key) pairs: 4 x heads x head_dim x pairs forward,
 2.5x that forward + backward. A backend that does not support a shape is recorded with its error.
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from posttrain.models.blocked_attention import blocked_causal_attention
 
 SDPA_BACKENDS = {
     "sdpa_flash": SDPBackend.FLASH_ATTENTION,
@@ -92,6 +95,14 @@ def run_case(backend: str, head_dim: int, window: int | None, documents: int, le
                     q, kv_expand(k), kv_expand(v), attn_mask=dense_mask, is_causal=dense_mask is None, scale=1.0
                 )
             out.sum().backward()
+    elif backend == "blocked":
+        # one call per document, as posttrain's document_flex attention runs 512-wide heads
+        def step():
+            pieces = [
+                blocked_causal_attention(q[0, :, s : s + length], k[0, :, s : s + length], v[0, :, s : s + length], scale=1.0, window=window)
+                for s in range(0, total, length)
+            ]
+            torch.cat(pieces, dim=1).sum().backward()
     else:
         kernel_options = SMALL_BLOCKS if backend == "flex_small_blocks" else None
         block_mask = create_block_mask(document_mask_mod(document_T, window), 1, None, total, total, device="cuda")
@@ -119,7 +130,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "attention_kernels-h200.json")
     args = parser.parse_args()
     results = []
-    backends = [*SDPA_BACKENDS, "flex", "flex_small_blocks"]
+    backends = [*SDPA_BACKENDS, "flex", "flex_small_blocks", "blocked"]
     for head_dim, window in ((256, 512), (512, None)):
         for documents in (1, 8):
             for backend in backends:

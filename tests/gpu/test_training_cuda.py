@@ -84,3 +84,37 @@ def test_packed_and_padded_rows_equal_sdpa_padded_rows_on_cuda(attention, varian
         for name, grad in _grads(model).items():
             scale = float(expected_grads[name].abs().max())
             torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5 * scale, msg=f"{run} {name}")
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_blocked_attention_on_cuda(window):
+    """The blocked GEMMs for 512-wide heads (bf16 GEMMs writing fp32 scores on CUDA): fp32 equals
+    SDPA; bf16 is no further from the fp64 result than SDPA's own bf16 kernel is."""
+    from posttrain.models.blocked_attention import blocked_causal_attention  # noqa: PLC0415
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    heads, kv_heads, length, dim = 8, 1, 300, 512
+    q, k, v = (torch.randn(h, length, dim, device="cuda", generator=gen) * 0.3 for h in (heads, kv_heads, kv_heads))
+    grad_out = torch.randn(heads, length, dim, device="cuda", generator=gen)
+    positions = torch.arange(length, device="cuda")
+    distance = positions[:, None] - positions[None, :]
+    mask = (distance >= 0) & (distance < window) if window else distance >= 0
+
+    def run(fn, dtype):
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*inputs)
+        grads = torch.autograd.grad(out, inputs, grad_out.to(dtype))
+        return [t.double() for t in (out, *grads)]
+
+    def sdpa(q, k, v):
+        k, v = (t.expand(heads, -1, -1) for t in (k, v))
+        return torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=1.0)[0]
+
+    def blocked(q, k, v):
+        return blocked_causal_attention(q, k, v, scale=1.0, window=window, block=128)
+
+    reference = run(sdpa, torch.float64)
+    for got, expected in zip(run(blocked, torch.float32), reference, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+    for got, sdpa_bf16, expected in zip(run(blocked, torch.bfloat16), run(sdpa, torch.bfloat16), reference, strict=True):
+        assert float((got - expected).abs().max()) <= 2 * float((sdpa_bf16 - expected).abs().max()) + 1e-6

@@ -1,6 +1,6 @@
-"""Document attention computed on CPU: per-document SDPA (values and gradients), and the flex
-variant run eagerly without gradients (flex has no CPU backward; tests/gpu covers gradients),
-against transformers' SDPA on padded rows. Tiny Gemma 4 models: windows of 8 exceeded, KV-shared
+"""Document attention computed on CPU against transformers' SDPA on padded rows: per-document
+SDPA and blocked GEMMs (values and gradients), and the flex variant run eagerly without gradients
+(flex has no CPU backward; tests/gpu covers gradients). Tiny Gemma 4 models: windows of 8 exceeded, KV-shared
 layers, MoE."""
 
 from __future__ import annotations
@@ -56,8 +56,15 @@ def _grads(model):
     return grads
 
 
+@pytest.mark.parametrize("path", ["sdpa_per_document", "blocked_gemms"])
 @pytest.mark.parametrize("variant", ["basic", "dense", "e_series", "moe"])
-def test_per_document_sdpa_equals_transformers_sdpa(variant):
+def test_document_attention_equals_transformers_sdpa(variant, path, monkeypatch):
+    """`document` (per-document SDPA) and the blocked GEMMs `document_flex` gives heads wider than
+    flex takes (here every head: the threshold is set to 0)."""
+    implementation = DOCUMENT_SDPA
+    if path == "blocked_gemms":
+        monkeypatch.setattr(document_attention, "FLEX_MAX_HEAD_DIM", 0)
+        implementation = DOCUMENT_FLEX
     torch.manual_seed(0)
     model = Gemma4ForCausalLM(tiny_gemma4_config(300, variant=variant))
     for left in (False, True):
@@ -67,7 +74,7 @@ def test_per_document_sdpa_equals_transformers_sdpa(variant):
         expected = token_logprobs(model, ids_BT, mask_BT, temperature=0.8)
         expected[mask].sum().backward()
         expected_grads = _grads(model)
-        set_training_attention(model, DOCUMENT_SDPA)
+        set_training_attention(model, implementation)
         runs = {"padded": token_logprobs(model, ids_BT, mask_BT, temperature=0.8)}
         if not left:
             runs["packed"] = packed_token_logprobs(model, ids_BT, mask_BT, temperature=0.8)[:, 1:]
@@ -85,6 +92,7 @@ def test_flex_block_masks_equal_transformers_sdpa(variant, monkeypatch):
     from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415
 
     monkeypatch.setattr(document_attention, "_compiled_flex", flex_attention)  # eager on CPU
+    monkeypatch.setattr(document_attention, "FLEX_MAX_HEAD_DIM", 16)  # 32-wide heads: blocked GEMMs
     torch.manual_seed(0)
     model = Gemma4ForCausalLM(tiny_gemma4_config(300, variant=variant)).eval()
     ids_BT, mask_BT = _rows(300)

@@ -3,8 +3,8 @@ torch's AdamW on the device, its state in host memory, and an exact resume throu
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 from transformers import Gemma4ForCausalLM
 
 from posttrain.checkpoint.store import load_checkpoint, save_checkpoint

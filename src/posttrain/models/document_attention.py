@@ -13,8 +13,8 @@ layers (`benchmarks/attention_kernels.py`: 0.6-2.3 TFLOP/s useful on those shape
 - `document_flex` (DOCUMENT_FLEX): layers with head_dim <= 256 run compiled flex attention with a
   block mask (blocks outside the document, the window or the causal triangle are skipped);
   wider heads (Gemma 4's 512-wide global layers exceed flex's shared memory on H200 and flash
-  attention's head-size limit) take the per-document SDPA path. Faster on windowed layers, but
-  EXPERIMENTAL: on the device its key/value gradients disagreed with SDPA's on the tiny `dense`
+  attention's head-size limit) run blocked GEMMs per document (`blocked_attention.py`; exact on
+  CPU, not yet run on a GPU). Faster on windowed layers, but EXPERIMENTAL: on the device its key/value gradients disagreed with SDPA's on the tiny `dense`
   variant (4 query heads over 1 KV head, k_eq_v), values agreeing; inputs are now made
   contiguous (a stride-dependent flex backward bug, pytorch#146377), not yet re-checked there.
 
@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
+
+from posttrain.models.blocked_attention import blocked_causal_attention
 
 DOCUMENT_SDPA = "posttrain_document_sdpa"
 DOCUMENT_FLEX = "posttrain_document_flex"
@@ -116,6 +118,19 @@ def _segment_attention(query, key, value, segments, window, scaling) -> torch.Te
     return torch.cat(rows, dim=0)
 
 
+def _blocked_segment_attention(query, key, value, segments, window, scaling) -> torch.Tensor:
+    """`blocked_causal_attention` per document slice (grouped KV heads as they are)."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    rows = []
+    for b, row_segments in enumerate(segments):
+        pieces = [
+            blocked_causal_attention(query[b, :, start:stop], key[b, :, start:stop], value[b, :, start:stop], scale=scale, window=window)
+            for start, stop in row_segments
+        ]
+        rows.append(torch.cat(pieces, dim=1))
+    return torch.stack(rows)
+
+
 def document_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -147,6 +162,9 @@ def document_attention_forward(
         # input strides (pytorch#146377); see the module docstring.
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
         output = _flex()(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=key.shape[1] != heads)
+    elif use_flex:  # heads too wide for flex: blocked GEMMs per document
+        segments = _documents.get(position_ids, padding_mask_BT, "segments", document_segments)
+        output = _blocked_segment_attention(query, key, value, segments, window, scaling)
     else:
         segments = _documents.get(position_ids, padding_mask_BT, "segments", document_segments)
         groups = heads // key.shape[1]  # the memory-efficient kernel takes no grouped KV heads: expand (a view)
