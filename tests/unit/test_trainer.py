@@ -295,3 +295,22 @@ def test_packing_and_token_budgets_give_the_padded_step(base_model, packing, mic
         torch.testing.assert_close(param, padded_params[name], rtol=0, atol=1e-5, msg=name)
     moved = padded_params["model.layers.0.mlp.up_proj.weight"] - dict(base_model.named_parameters())["model.layers.0.mlp.up_proj.weight"]
     assert moved.abs().max() > 1e-4  # the step did move the weights
+
+
+def test_compiled_layers_give_the_eager_step(base_model):
+    """`policy.compile`: every decoder layer under torch.compile (inductor, CPU here) takes the eager
+    step: same loss, gradients within fp32 reordering noise of their scale."""
+    results = {}
+    for compiled in (False, True):
+        model = copy.deepcopy(base_model)
+        policy = _policy(max_grad_norm=None, optimizer=OptimizerConfig(lr=1e-3, eps=1e-6), compile=compiled)
+        trainer = PolicyTrainer(model, policy, LossConfig(), total_optimizer_steps=1)
+        metrics = trainer.train(_batch(), TEMPERATURE)
+        gradients = {name: trainer.optimizer.state[p]["exp_avg"] / 0.1 for name, p in model.named_parameters()}
+        results[compiled] = metrics, gradients
+    (eager, eager_grads), (compiled, compiled_grads) = results[False], results[True]
+    assert compiled["loss"] == pytest.approx(eager["loss"], abs=1e-6)
+    assert compiled["grad_norm"] == pytest.approx(eager["grad_norm"], rel=1e-4)
+    for name, grad in compiled_grads.items():
+        expected = eager_grads[name]
+        torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()), msg=name)

@@ -140,6 +140,13 @@ class PolicyConfig(Section):
             "arithmetic exactly (bf16 autocast compute); bfloat16: half the communication, bf16 norms."
         ),
     )
+    compile: bool = Field(
+        False,
+        description=(
+            "torch.compile each decoder layer for training and scoring (fuses norms and elementwise work; measured "
+            "1.37x on a packed E2B step). The first steps pay the compilation."
+        ),
+    )
     optimizer_offload: bool = Field(
         False,
         description=(

@@ -29,7 +29,7 @@ from posttrain.config.loss import LossConfig
 from posttrain.config.schema import PolicyConfig
 from posttrain.models.document_attention import resolve_training_attention, set_training_attention
 from posttrain.training.batching import micro_batches
-from posttrain.training.distributed import Distributed, LogprobModule, all_reduce_sum, shard_policy
+from posttrain.training.distributed import Distributed, LogprobModule, all_reduce_sum, decoder_layers, shard_policy
 from posttrain.training.offload import HostAdamW
 
 
@@ -116,6 +116,9 @@ class PolicyTrainer:
                 "policy.train_micro_batch_tokens: token-budget micro-batches would give ranks different numbers "
                 "of FSDP forward/backward passes; use train_micro_batch_size under torchrun"
             )
+        if policy.compile:  # per layer, before sharding (FSDP2's hooks stay outside the compiled regions)
+            for layer in decoder_layers(model):
+                layer.compile()
         if self.distributed.enabled:
             self.logprob_module = shard_policy(model, param_dtype=policy.fsdp_param_dtype)
         else:
