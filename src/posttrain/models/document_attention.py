@@ -7,8 +7,8 @@ layers (`benchmarks/attention_kernels.py`: 0.6-2.3 TFLOP/s useful on those shape
 
 - Documents come from the positions: a position 0 starts a document (packed rows restart their
   positions per sequence). Padding tokens form a document of their own, whichever side they are.
-- `document` (DOCUMENT_SDPA): each document runs SDPA on its own slice, in causal mode (a dense
-  mask of that document only where a window applies). Standard kernels; gradients checked on
+- `document` (DOCUMENT_SDPA): each document runs SDPA on its own slice, in causal mode; where a
+  sliding window cuts in, on blocks of window-many queries against the keys each can see. Standard kernels; gradients checked on
   CUDA (tests/gpu/test_training_cuda.py). The default on CUDA.
 - `document_flex` (DOCUMENT_FLEX): layers with head_dim <= 256 run compiled flex attention with a
   block mask (blocks outside the document, the window or the causal triangle are skipped);
@@ -101,19 +101,41 @@ class _Documents:
 _documents = _Documents()
 
 
+def _window_mask(q_start: int, q_stop: int, k_start: int, k_stop: int, window: int, device) -> torch.Tensor:
+    """[queries, keys] of one document: query q sees key k when 0 <= q - k < window."""
+    distance = torch.arange(q_start, q_stop, device=device)[:, None] - torch.arange(k_start, k_stop, device=device)[None, :]
+    return (distance >= 0) & (distance < window)
+
+
+def _windowed_sdpa(q, k, v, window: int, scaling) -> torch.Tensor:
+    """One document's windowed causal attention as SDPA calls on blocks of `window` queries, each
+    against the (at most 2 x window) keys it can see: about 2 x window x length scores instead of
+    length^2, with masks of one block."""
+    length = q.shape[2]
+    pieces = []
+    for q_start in range(0, length, window):
+        q_stop = min(q_start + window, length)
+        k_start = max(0, q_start - window + 1)
+        mask = _window_mask(q_start, q_stop, k_start, q_stop, window, q.device)
+        pieces.append(
+            F.scaled_dot_product_attention(
+                q[:, :, q_start:q_stop], k[:, :, k_start:q_stop], v[:, :, k_start:q_stop], attn_mask=mask, scale=scaling
+            )
+        )
+    return torch.cat(pieces, dim=2)
+
+
 def _segment_attention(query, key, value, segments, window, scaling) -> torch.Tensor:
-    """SDPA per document slice, causal (plus a dense window mask of that document when windowed)."""
+    """SDPA per document slice: causal mode, or blocks of window-many queries when a window cuts in."""
     rows = []
     for b, row_segments in enumerate(segments):
         pieces = []
         for start, stop in row_segments:
             q, k, v = (t[b : b + 1, :, start:stop].contiguous() for t in (query, key, value))
-            mask = None
             if window and stop - start > window:
-                offsets = torch.arange(stop - start, device=query.device)
-                distance = offsets[:, None] - offsets[None, :]
-                mask = (distance >= 0) & (distance < window)
-            pieces.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling))
+                pieces.append(_windowed_sdpa(q, k, v, window, scaling))
+            else:
+                pieces.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling))
         rows.append(torch.cat(pieces, dim=2))
     return torch.cat(rows, dim=0)
 
