@@ -38,7 +38,6 @@ from posttrain.models.gemma4_presets import gemma4_preset_config, temper_random_
 from posttrain.models.loading import use_grouped_experts
 from posttrain.models.logprobs import logprobs_from_logits, token_logprobs
 from posttrain.models.tiny import tiny_gemma4_config
-from posttrain.training.distributed import decoder_layers
 from posttrain.training.trainer import PolicyTrainer, TrainBatch
 
 GIB = 2**30
@@ -114,9 +113,12 @@ def flops_per_token(config, context: int) -> float:
     return 6 * matmul + attention
 
 
-def packed_step(model, *, attention: str, sequences: int, length: int, repeats: int, device: torch.device) -> dict:
+def packed_step(
+    model, *, attention: str, compile: bool, sequences: int, length: int, repeats: int, device: torch.device
+) -> dict:
     policy = PolicyConfig(
         attention=attention,
+        compile=compile,
         precision="bfloat16",
         train_global_batch_size=sequences,
         train_micro_batch_size=sequences,
@@ -169,7 +171,7 @@ def packed_steps(model, attentions: list[str], args, device: torch.device) -> li
     runs = []
     for attention in attentions:
         try:
-            run = packed_step(model, attention=attention, sequences=args.packed_sequences, length=args.packed_len, repeats=args.repeats, device=device)
+            run = packed_step(model, attention=attention, compile=args.compile, sequences=args.packed_sequences, length=args.packed_len, repeats=args.repeats, device=device)
         except Exception as error:  # noqa: BLE001 (e.g. a kernel that cannot take head_dim 512)
             run = {"attention": attention, "error": f"{type(error).__name__}: {str(error)[:300]}"}
         print("packed", run, flush=True)
@@ -206,7 +208,7 @@ def main() -> None:
     parser.add_argument("--packed-attn", default="auto", help="policy.attention values for the packed step, comma-separated")
     parser.add_argument("--moe-layers", type=int, default=0, help="also the packed step of 26B-A4B cut to N layers")
     parser.add_argument("--packed-only", action="store_true", help="skip the 4 x 2048 comparisons")
-    parser.add_argument("--compile-layers", action="store_true", help="experiment: torch.compile each decoder layer")
+    parser.add_argument("--compile", action="store_true", help="policy.compile for the packed step (each decoder layer compiled)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -217,9 +219,6 @@ def main() -> None:
     weights = weights_gib(model)
     result_weights = {"weights_gib": weights}
 
-    if args.compile_layers:
-        for layer in decoder_layers(model):
-            layer.compile()
     paths = {} if args.packed_only else {"hidden_only": hidden_only_loss, "naive": naive_loss, "logprob": chunked_loss}
     result: dict = {
         "preset": args.preset,
@@ -236,7 +235,7 @@ def main() -> None:
     result["fits_8x4096"] = big is not None
     result["logprob_8x4096_seconds"] = big and big["seconds"]
     result["logprob_8x4096_peak_gib"] = big and big["peak_gib"]
-    result["compiled_layers"] = args.compile_layers
+    result["compiled_layers"] = args.compile
     if result.get("hidden_only_peak_gib") is not None and result.get("logprob_peak_gib") is not None:
         result["logprob_extra_peak_gib"] = result["logprob_peak_gib"] - result["hidden_only_peak_gib"]
         result["logprob_extra_seconds"] = result["logprob_seconds"] - result["hidden_only_seconds"]
