@@ -12,9 +12,11 @@ step (`policy.sequence_packing`: sequences of --packed-len tokens concatenated, 
 included): tokens/s and model FLOPs utilization, and a memory breakdown, for each attention
 implementation in --packed-attn (`policy.attention`). With --moe-layers N, the same packed step for the 26B-A4B MoE
 preset cut to its first N layers (grouped expert GEMMs; all of it does not fit one GPU beside its
-fp32 optimizer state), for throughput beside the dense preset's.
+fp32 optimizer state), for throughput beside the dense preset's. Under torchrun the packed step
+runs with FSDP2, each process training its own --packed-sequences (tok/s and MFU per GPU):
 
     python benchmarks/train_step.py --preset e2b --moe-layers 6
+    torchrun --nproc-per-node 2 benchmarks/train_step.py --packed-only --moe-only --moe-layers 12 --packed-attn auto
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers import Gemma4ForCausalLM
 
 from posttrain.config.loss import LossConfig
@@ -38,6 +41,7 @@ from posttrain.models.gemma4_presets import gemma4_preset_config, temper_random_
 from posttrain.models.loading import use_grouped_experts
 from posttrain.models.logprobs import logprobs_from_logits, token_logprobs
 from posttrain.models.tiny import tiny_gemma4_config
+from posttrain.training.distributed import Distributed, init_distributed
 from posttrain.training.trainer import PolicyTrainer, TrainBatch
 
 GIB = 2**30
@@ -114,8 +118,17 @@ def flops_per_token(config, context: int) -> float:
 
 
 def packed_step(
-    model, *, attention: str, compile: bool, sequences: int, length: int, repeats: int, device: torch.device
+    model,
+    *,
+    attention: str,
+    compile: bool,
+    sequences: int,
+    length: int,
+    repeats: int,
+    device: torch.device,
+    distributed: Distributed,
 ) -> dict:
+    """Training steps on `sequences` x `length` tokens per process (FSDP2 under torchrun)."""
     policy = PolicyConfig(
         attention=attention,
         compile=compile,
@@ -126,8 +139,8 @@ def packed_step(
         max_grad_norm=1.0,
         optimizer=OptimizerConfig(lr=1e-6),
     )
-    trainer = PolicyTrainer(model, policy, LossConfig(), total_optimizer_steps=repeats + 1)
-    gen = torch.Generator().manual_seed(0)
+    trainer = PolicyTrainer(model, policy, LossConfig(), total_optimizer_steps=repeats + 1, distributed=distributed)
+    gen = torch.Generator().manual_seed(distributed.rank)
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(3, vocab, (sequences, length), generator=gen)
     batch = TrainBatch(
@@ -149,8 +162,14 @@ def packed_step(
             seconds.append(time.perf_counter() - start)
     tokens = sequences * length
     tok_per_s = tokens / statistics.median(seconds)
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731 (this rank's shard)
     optimizer_state_gib = (
-        sum(t.numel() * t.element_size() for state in trainer.optimizer.state.values() for t in state.values() if torch.is_tensor(t))
+        sum(
+            local(t).numel() * t.element_size()
+            for state in trainer.optimizer.state.values()
+            for t in state.values()
+            if torch.is_tensor(t)
+        )
         / GIB
     )
     del trainer
@@ -166,12 +185,21 @@ def packed_step(
     }
 
 
-def packed_steps(model, attentions: list[str], args, device: torch.device) -> list[dict]:
+def packed_steps(model, attentions: list[str], args, device: torch.device, distributed: Distributed) -> list[dict]:
     """The packed step under each attention implementation; an implementation that fails is recorded."""
     runs = []
     for attention in attentions:
         try:
-            run = packed_step(model, attention=attention, compile=args.compile, sequences=args.packed_sequences, length=args.packed_len, repeats=args.repeats, device=device)
+            run = packed_step(
+                model,
+                attention=attention,
+                compile=args.compile,
+                sequences=args.packed_sequences,
+                length=args.packed_len,
+                repeats=args.repeats,
+                device=device,
+                distributed=distributed,
+            )
         except Exception as error:  # noqa: BLE001 (e.g. a kernel that cannot take head_dim 512)
             run = {"attention": attention, "error": f"{type(error).__name__}: {str(error)[:300]}"}
         print("packed", run, flush=True)
@@ -179,6 +207,10 @@ def packed_steps(model, attentions: list[str], args, device: torch.device) -> li
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if distributed.enabled:  # every rank's peak
+            peaks = [None] * distributed.world_size
+            dist.all_gather_object(peaks, run.get("peak_gib"))
+            run["peak_gib_per_gpu"] = peaks
     return runs
 
 
@@ -197,23 +229,8 @@ def weights_gib(model: torch.nn.Module) -> float:
     return sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="e2b", help="a Gemma 4 preset, or 'tiny' (CPU smoke run)")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--length", type=int, default=2048)
-    parser.add_argument("--packed-sequences", type=int, default=8)
-    parser.add_argument("--packed-len", type=int, default=4096)
-    parser.add_argument("--attention", default="auto", help="policy.attention for the 4 x 2048 comparisons")
-    parser.add_argument("--packed-attn", default="auto", help="policy.attention values for the packed step, comma-separated")
-    parser.add_argument("--moe-layers", type=int, default=0, help="also the packed step of 26B-A4B cut to N layers")
-    parser.add_argument("--packed-only", action="store_true", help="skip the 4 x 2048 comparisons")
-    parser.add_argument("--compile", action="store_true", help="policy.compile for the packed step (each decoder layer compiled)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def dense_runs(args, device: torch.device, distributed: Distributed) -> dict:
+    """The preset's 4 x 2048 comparisons (one process) and its packed step."""
     config = tiny_gemma4_config(300) if args.preset == "tiny" else gemma4_preset_config(args.preset, text_only=True)
     model = build_model(config, device, args.attention)
     weights = weights_gib(model)
@@ -243,7 +260,7 @@ def main() -> None:
         result["naive_extra_peak_gib"] = result["naive_peak_gib"] - result["hidden_only_peak_gib"]
         result["naive_extra_seconds"] = result["naive_seconds"] - result["hidden_only_seconds"]
 
-    runs = packed_steps(model, args.packed_attn.split(","), args, device)
+    runs = packed_steps(model, args.packed_attn.split(","), args, device, distributed)
     best = max((r for r in runs if "error" not in r), key=lambda r: r["train_tok_per_s"])
     result.update(best)
     result["packed_runs"] = runs
@@ -258,7 +275,33 @@ def main() -> None:
             "logprob_workspace_4x2048": result.get("logprob_extra_peak_gib"),
             "packed_step_peak": best["peak_gib"],
         }
-    del model
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="e2b", help="a Gemma 4 preset, or 'tiny' (CPU smoke run)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--packed-sequences", type=int, default=8)
+    parser.add_argument("--packed-len", type=int, default=4096)
+    parser.add_argument("--attention", default="auto", help="policy.attention for the 4 x 2048 comparisons")
+    parser.add_argument("--packed-attn", default="auto", help="policy.attention values for the packed step, comma-separated")
+    parser.add_argument("--moe-layers", type=int, default=0, help="also the packed step of 26B-A4B cut to N layers")
+    parser.add_argument("--packed-only", action="store_true", help="skip the 4 x 2048 comparisons")
+    parser.add_argument("--moe-only", action="store_true", help="only the truncated MoE's packed step (needs --moe-layers)")
+    parser.add_argument("--compile", action="store_true", help="policy.compile for the packed step (each decoder layer compiled)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    distributed = init_distributed()
+    if distributed.enabled and (not args.packed_only or "," in args.packed_attn):
+        parser.error("under torchrun only the packed step runs (FSDP2), for one attention: --packed-only --packed-attn X")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    result: dict = {"preset": args.preset}
+    if not args.moe_only:
+        result.update(dense_runs(args, device, distributed))
     if args.moe_layers:
         moe_config = (
             tiny_gemma4_config(300, variant="moe") if args.preset == "tiny" else gemma4_preset_config("26b-a4b", text_only=True)
@@ -269,13 +312,18 @@ def main() -> None:
             torch.cuda.empty_cache()
         moe_model = build_model(moe_config, device, args.attention)
         result["moe_26b_a4b"] = {"layers": args.moe_layers, "weights_gib": weights_gib(moe_model)}
-        result["moe_26b_a4b"]["packed_runs"] = packed_steps(moe_model, args.packed_attn.split(","), args, device)
+        result["moe_26b_a4b"]["packed_runs"] = packed_steps(moe_model, args.packed_attn.split(","), args, device, distributed)
+    if not distributed.is_main:
+        return
+    result["world_size"] = distributed.world_size
     result["torch"] = torch.__version__
     result["gpu"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    result["command"] = "python benchmarks/train_step.py " + " ".join(sys.argv[1:])
+    launcher = f"torchrun --nproc-per-node {distributed.world_size} " if distributed.enabled else "python "
+    result["command"] = launcher + "benchmarks/train_step.py " + " ".join(sys.argv[1:])
     print(json.dumps(result, indent=1))
     gpu = result["gpu"].split()[-1].lower()
-    out = args.out or Path(__file__).parent / "results" / f"train_step-{gpu}.json"
+    suffix = (f"x{distributed.world_size}" if distributed.enabled else "") + ("-moe" if args.moe_only else "")
+    out = args.out or Path(__file__).parent / "results" / f"train_step-{gpu}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
 
