@@ -226,6 +226,20 @@ class ArithmeticSource(Section):
     operation: Literal["sum", "max"] = Field("sum", description='"sum": 37+48-5; "max": max(37, 48, 5).')
 
 
+class ShapesSource(Section):
+    """Procedurally rendered images: count the shapes (Pillow, offline); one image per prompt."""
+
+    type: Literal["shapes"] = Field(description="Selects this source.")
+    size: int = Field(ge=1, description="Number of prompts.")
+    seed: int = Field(0, description="Generator seed (train and validation also differ by split).")
+    max_count: int = Field(6, ge=1, le=64, description="Counts are uniform in [1, max_count].")
+    image_sizes: list[tuple[int, int]] = Field(
+        default_factory=lambda: [(48, 48)],
+        min_length=1,
+        description="Image (width, height) in pixels, cycled through; multiples of 12 with at least max_count 12-px cells.",
+    )
+
+
 class ReasoningGymSource(Section):
     """Prompts from one of reasoning-gym's procedural tasks (generated offline)."""
 
@@ -288,7 +302,7 @@ class DatasetSource(Section):
 
 
 PromptSource = Annotated[
-    ArithmeticSource | ReasoningGymSource | FileSource | DatasetSource, Field(discriminator="type")
+    ArithmeticSource | ShapesSource | ReasoningGymSource | FileSource | DatasetSource, Field(discriminator="type")
 ]
 
 

@@ -7,9 +7,17 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from posttrain.config.schema import ArithmeticSource, DatasetSource, FileSource, PromptSource, ReasoningGymSource
+from posttrain.config.schema import (
+    ArithmeticSource,
+    DatasetSource,
+    FileSource,
+    PromptSource,
+    ReasoningGymSource,
+    ShapesSource,
+)
 from posttrain.data.arithmetic import arithmetic_samples
 from posttrain.data.datasets import load_dataset_samples
+from posttrain.data.shapes import shape_count_samples
 from posttrain.data.sources import BadRows, DataError, load_jsonl_or_parquet, load_reasoning_gym
 from posttrain.data.templates import render
 from posttrain.data.types import Sample
@@ -26,6 +34,10 @@ def load_samples(source: PromptSource, *, split: str, bad_rows: BadRows | None =
             max_value=source.max_value,
             operation=source.operation,
             split=split,
+        )
+    if isinstance(source, ShapesSource):
+        return shape_count_samples(
+            source.size, seed=source.seed, max_count=source.max_count, image_sizes=source.image_sizes, split=split
         )
     if isinstance(source, ReasoningGymSource):
         return load_reasoning_gym(source.task, size=source.size, seed=source.seed, config=source.config)
