@@ -297,7 +297,7 @@ def _error(mutate) -> str:
          "  data.validation: needs a 'type' key that says which kind of section it is: one of 'arithmetic', 'dataset', 'file', 'reasoning_gym'"),
         (lambda r: r.update(WARM_START=r.pop("warm_start")), "  WARM_START: unknown key; did you mean 'warm_start'?"),
         (lambda r: r["data"]["train"].update(type="multi\nline"),  # pydantic's message held the raw tag
-         "  data.train: unknown 'type' 'multi\\nline'; expected one of 'arithmetic', 'reasoning_gym', 'file', 'dataset'"),
+         "  data.train: unknown 'type' 'multi\\nline'; expected one of 'arithmetic', 'shapes', 'reasoning_gym', 'file', 'dataset'"),
         # nan/inf: accepted before, now refused everywhere
         (lambda r: r["grpo"]["reward_scaling"].update(source_min=math.nan), "  grpo.reward_scaling.source_min: Input should be a finite number (got nan)"),
         (lambda r: r["loss_fn"].update(reference_policy_kl_penalty=math.inf), "  loss_fn.reference_policy_kl_penalty: Input should be a finite number (got inf)"),
