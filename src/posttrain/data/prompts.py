@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 from posttrain.config.schema import (
     ArithmeticSource,
@@ -21,6 +21,7 @@ from posttrain.data.shapes import shape_count_samples
 from posttrain.data.sources import BadRows, DataError, load_jsonl_or_parquet, load_reasoning_gym
 from posttrain.data.templates import render
 from posttrain.data.types import Sample
+from posttrain.rollout.base import MultimodalPrompt
 
 
 def load_samples(source: PromptSource, *, split: str, bad_rows: BadRows | None = None) -> list[Sample]:
@@ -56,7 +57,8 @@ def load_samples(source: PromptSource, *, split: str, bad_rows: BadRows | None =
 class Prompt:
     sample: Sample
     text: str  # the user message after the prompt template
-    token_ids: list[int]  # chat-templated, with the generation prompt
+    token_ids: list[int]  # chat-templated, with the generation prompt (one placeholder per image soft token)
+    multimodal: MultimodalPrompt | None = None  # the processor's image tensors; None for text-only prompts
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,46 @@ def tokenize_prompts(
             f"all {len(samples)} prompts are longer than the {max_prompt_tokens} tokens that "
             "policy.max_total_sequence_length - policy.generation.max_new_tokens leaves (first: "
             f"{dropped[0]}); raise max_total_sequence_length or shorten the prompt template"
+        )
+    return TokenizedPrompts(prompts=prompts, dropped=dropped)
+
+
+def tokenize_multimodal_prompts(
+    samples: list[Sample], processor: ProcessorMixin, *, template: str, max_prompt_tokens: int
+) -> TokenizedPrompts:
+    """Like `tokenize_prompts`, through a multimodal processor: a sample's images go before its text
+    in the user turn (as geometry3k's leading placeholder puts them), the processor expands each
+    image into its soft-token placeholders and makes the image tensors. Samples without images
+    are tokenized the same way, text only. Each sample is processed alone, so an image the
+    processor cannot take (corrupt, wrong size for a processor that does not resize) raises a
+    DataError naming the sample.
+    """
+    prompts, dropped = [], []
+    for sample in samples:
+        text = render(template, sample.prompt)
+        content = [{"type": "image"} for _ in sample.images] + [{"type": "text", "text": text}]
+        rendered = processor.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+        try:
+            out = processor(
+                text=[rendered],
+                images=[list(sample.images)] if sample.images else None,
+                return_tensors="pt",
+                add_special_tokens=False,  # the chat template wrote them
+            )
+        except Exception as error:  # noqa: BLE001 (any processor failure is this sample's data problem)
+            raise DataError(f"{sample.origin}: the processor could not take its {len(sample.images)} image(s): {error}") from error
+        token_ids = out["input_ids"][0].tolist()
+        if len(token_ids) > max_prompt_tokens:
+            dropped.append(sample.origin)
+            continue
+        multimodal = MultimodalPrompt(out["pixel_values"], out["image_position_ids"]) if sample.images else None
+        prompts.append(Prompt(sample=sample, text=text, token_ids=token_ids, multimodal=multimodal))
+    if samples and not prompts:
+        raise DataError(
+            f"all {len(samples)} prompts, image soft tokens included, are longer than the {max_prompt_tokens} tokens "
+            f"that policy.max_total_sequence_length - policy.generation.max_new_tokens leaves (first: {dropped[0]})"
         )
     return TokenizedPrompts(prompts=prompts, dropped=dropped)
 
