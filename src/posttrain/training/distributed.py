@@ -68,11 +68,18 @@ class LogprobModule(torch.nn.Module):
         self.model = model
 
     def forward(
-        self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, temperature: float, packed: bool = False
+        self,
+        input_ids_BT: torch.Tensor,
+        attention_mask_BT: torch.Tensor,
+        temperature: float,
+        packed: bool = False,
+        **multimodal_inputs: torch.Tensor,
     ) -> torch.Tensor:
         if packed:
+            if multimodal_inputs:
+                raise ValueError("policy.sequence_packing is text-only; batches with images run as padded rows")
             return packed_token_logprobs(self.model, input_ids_BT, attention_mask_BT, temperature=temperature)
-        logprobs_BT1 = token_logprobs(self.model, input_ids_BT, attention_mask_BT, temperature=temperature)
+        logprobs_BT1 = token_logprobs(self.model, input_ids_BT, attention_mask_BT, temperature=temperature, **multimodal_inputs)
         return torch.nn.functional.pad(logprobs_BT1, (1, 0), value=0.0)
 
 

@@ -28,6 +28,7 @@ from posttrain.algorithms.pg_loss import clipped_pg_loss
 from posttrain.config.loss import LossConfig
 from posttrain.config.schema import PolicyConfig
 from posttrain.models.document_attention import resolve_training_attention, set_training_attention
+from posttrain.rollout.base import MultimodalPrompt
 from posttrain.training.batching import micro_batches
 from posttrain.training.distributed import Distributed, LogprobModule, all_reduce_sum, decoder_layers, shard_policy
 from posttrain.training.offload import HostAdamW
@@ -53,22 +54,42 @@ def assert_fp32_master_weights(model: torch.nn.Module) -> None:
 
 @dataclass
 class TrainBatch:
-    """Samples as right-padded rows of prompt + response tokens."""
+    """Samples as right-padded rows of prompt + response tokens; `images` holds each row's image
+    tensors (None for a text-only row), or is empty for a text-only batch."""
 
     input_ids_BT: torch.Tensor
     attention_mask_BT: torch.Tensor
     loss_mask_BT: torch.Tensor  # 1 on response tokens that count in the loss
     advantages_B: torch.Tensor
     gen_logprobs_BT: torch.Tensor  # logprobs the rollout engine reported (0 off the response)
+    images: tuple[MultimodalPrompt | None, ...] = ()
 
     def __len__(self) -> int:
         return self.input_ids_BT.shape[0]
 
+    def _tensors(self) -> list[torch.Tensor]:
+        return [self.input_ids_BT, self.attention_mask_BT, self.loss_mask_BT, self.advantages_B, self.gen_logprobs_BT]
+
     def rows(self, start: int, stop: int) -> TrainBatch:
-        return TrainBatch(*(t[start:stop] for t in vars(self).values()))
+        return TrainBatch(*(t[start:stop] for t in self._tensors()), images=self.images[start:stop])
 
     def to(self, device: torch.device) -> TrainBatch:
-        return TrainBatch(*(t.to(device) for t in vars(self).values()))
+        images = tuple(
+            None if m is None else MultimodalPrompt(m.pixel_values.to(device), m.image_position_ids.to(device))
+            for m in self.images
+        )
+        return TrainBatch(*(t.to(device) for t in self._tensors()), images=images)
+
+    def multimodal_inputs(self) -> dict[str, torch.Tensor]:
+        """The rows' images for the model's forward, in row order (each row's placeholders take
+        its own images in turn); empty when no row has one."""
+        present = [m for m in self.images if m is not None]
+        if not present:
+            return {}
+        return {
+            "pixel_values": torch.cat([m.pixel_values for m in present]),
+            "image_position_ids": torch.cat([m.image_position_ids for m in present]),
+        }
 
 
 def aligned_token_logprobs(
@@ -76,7 +97,7 @@ def aligned_token_logprobs(
 ) -> torch.Tensor:
     """logprobs_BT[:, t] scores the batch's token t; column 0 is 0. `packed`: computed as one packed
     sequence (same values, no padding computed)."""
-    return LogprobModule(model)(batch.input_ids_BT, batch.attention_mask_BT, temperature, packed)
+    return LogprobModule(model)(batch.input_ids_BT, batch.attention_mask_BT, temperature, packed, **batch.multimodal_inputs())
 
 
 def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, decay: str) -> float:
@@ -188,7 +209,11 @@ class PolicyTrainer:
         for start, stop in self._micro_batches(batch, size):
             rows = batch.rows(start, stop).to(self.device)
             with self.autocast():
-                chunks.append(self.logprob_module(rows.input_ids_BT, rows.attention_mask_BT, temperature, self.policy.sequence_packing))
+                chunks.append(
+                    self.logprob_module(
+                        rows.input_ids_BT, rows.attention_mask_BT, temperature, self.policy.sequence_packing, **rows.multimodal_inputs()
+                    )
+                )
         return torch.cat(chunks)
 
     def _micro_batches(self, batch: TrainBatch, max_rows: int) -> list[tuple[int, int]]:
@@ -233,7 +258,9 @@ class PolicyTrainer:
         for start, stop in self._micro_batches(batch, self.policy.train_micro_batch_size):
             rows = batch.rows(start, stop).to(self.device)
             with self.autocast():
-                logprobs_BT = self.logprob_module(rows.input_ids_BT, rows.attention_mask_BT, temperature, packed)
+                logprobs_BT = self.logprob_module(
+                    rows.input_ids_BT, rows.attention_mask_BT, temperature, packed, **rows.multimodal_inputs()
+                )
             rows_old_BT = logprobs_BT.detach() if old_logprobs_BT is None else old_logprobs_BT[start:stop]
             lp_old_pieces.append(rows_old_BT)
             ref_logprobs_BT = None
