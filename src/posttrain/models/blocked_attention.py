@@ -20,19 +20,16 @@ from __future__ import annotations
 
 import torch
 
+from posttrain.models.chunked_logprobs import accumulate_dtype
+
 DEFAULT_BLOCK = 1024
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32, or fp64 for fp64 inputs (gradient checks)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b accumulated and returned in fp32 (bf16 inputs stay bf16 on CUDA; fp64 stays fp64)."""
     if a.device.type == "cuda" and a.dtype in (torch.bfloat16, torch.float16):
         return torch.bmm(a, b, out_dtype=torch.float32)
-    dtype = _accumulate_dtype(a.dtype)
+    dtype = accumulate_dtype(a.dtype)
     return torch.bmm(a.to(dtype), b.to(dtype))
 
 
@@ -83,8 +80,8 @@ class BlockedCausalAttention(torch.autograd.Function):
         q_KGTD = q_HTD.view(kv_heads, groups, length, dim)
         do_KGTD = grad_out_HTD.contiguous().view(kv_heads, groups, length, dim)
         dq_KGTD = torch.empty_like(q_KGTD)
-        dk_KTD = torch.zeros(k_KTD.shape, dtype=_accumulate_dtype(k_KTD.dtype), device=k_KTD.device)
-        dv_KTD = torch.zeros(v_KTD.shape, dtype=_accumulate_dtype(v_KTD.dtype), device=v_KTD.device)
+        dk_KTD = torch.zeros(k_KTD.shape, dtype=accumulate_dtype(k_KTD.dtype), device=k_KTD.device)
+        dv_KTD = torch.zeros(v_KTD.shape, dtype=accumulate_dtype(v_KTD.dtype), device=v_KTD.device)
         for q_start in range(0, length, block):
             q_stop = min(q_start + block, length)
             k_start, k_stop = _key_range(q_start, q_stop, window)

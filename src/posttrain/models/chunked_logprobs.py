@@ -35,7 +35,7 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32, or fp64 for fp64 inputs (gradient checks)."""
     return torch.promote_types(dtype, torch.float32)
 
@@ -48,7 +48,7 @@ def _scaled_logits(
 
 
 def _scale(logits_CV: torch.Tensor, softcap: float | None, temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    logits_CV = logits_CV.to(_accumulate_dtype(logits_CV.dtype))
+    logits_CV = logits_CV.to(accumulate_dtype(logits_CV.dtype))
     tanh_CV = None
     if softcap is not None:
         tanh_CV = torch.tanh(logits_CV / softcap)
@@ -110,7 +110,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden_NH, weight_VH, targets_N, softcap, temperature, chunk_tokens):
         dtype = _compute_dtype(weight_VH)
         weight = weight_VH.to(dtype)
-        logprobs_N = torch.empty(hidden_NH.shape[0], dtype=_accumulate_dtype(dtype), device=hidden_NH.device)
+        logprobs_N = torch.empty(hidden_NH.shape[0], dtype=accumulate_dtype(dtype), device=hidden_NH.device)
         lse_N = torch.empty_like(logprobs_N)
         chunk_logprobs = _fused(_chunk_logprobs, hidden_NH.device)
         with torch.autocast(hidden_NH.device.type, enabled=False):
@@ -129,7 +129,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         weight = weight_VH.to(dtype)
         grad_hidden_NH = torch.zeros_like(hidden_NH) if ctx.needs_input_grad[0] else None
         grad_weight_VH = (
-            torch.zeros_like(weight_VH, dtype=_accumulate_dtype(weight_VH.dtype)) if ctx.needs_input_grad[1] else None
+            torch.zeros_like(weight_VH, dtype=accumulate_dtype(weight_VH.dtype)) if ctx.needs_input_grad[1] else None
         )
         logits_grad = _fused(_chunk_logits_grad, hidden_NH.device)
         grad_N = grad_N.contiguous()
@@ -177,7 +177,7 @@ def chunked_entropy(
     chunk_tokens = chunk_tokens or default_chunk_tokens(weight_VH.shape[0])
     dtype = _compute_dtype(weight_VH)
     weight = weight_VH.to(dtype)
-    entropy_N = torch.empty(hidden_NH.shape[0], dtype=_accumulate_dtype(dtype), device=hidden_NH.device)
+    entropy_N = torch.empty(hidden_NH.shape[0], dtype=accumulate_dtype(dtype), device=hidden_NH.device)
     with torch.autocast(hidden_NH.device.type, enabled=False):
         for start in range(0, hidden_NH.shape[0], chunk_tokens):
             scaled_CV, _ = _scaled_logits(hidden_NH[start : start + chunk_tokens].to(dtype), weight, softcap, temperature)

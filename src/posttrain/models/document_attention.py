@@ -125,32 +125,26 @@ def _windowed_sdpa(q, k, v, window: int, scaling) -> torch.Tensor:
     return torch.cat(pieces, dim=2)
 
 
-def _segment_attention(query, key, value, segments, window, scaling) -> torch.Tensor:
-    """SDPA per document slice: causal mode, or blocks of window-many queries when a window cuts in."""
+def _per_document(query, key, value, segments, attend) -> torch.Tensor:
+    """[B, H, T, D] from `attend(q, k, v)` on each document's [1, heads, length, D] slices."""
     rows = []
     for b, row_segments in enumerate(segments):
-        pieces = []
-        for start, stop in row_segments:
-            q, k, v = (t[b : b + 1, :, start:stop].contiguous() for t in (query, key, value))
-            if window and stop - start > window:
-                pieces.append(_windowed_sdpa(q, k, v, window, scaling))
-            else:
-                pieces.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling))
+        pieces = [attend(*(t[b : b + 1, :, start:stop].contiguous() for t in (query, key, value))) for start, stop in row_segments]
         rows.append(torch.cat(pieces, dim=2))
     return torch.cat(rows, dim=0)
 
 
-def _blocked_segment_attention(query, key, value, segments, window, scaling) -> torch.Tensor:
-    """`blocked_causal_attention` per document slice (grouped KV heads as they are)."""
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    rows = []
-    for b, row_segments in enumerate(segments):
-        pieces = [
-            blocked_causal_attention(query[b, :, start:stop], key[b, :, start:stop], value[b, :, start:stop], scale=scale, window=window)
-            for start, stop in row_segments
-        ]
-        rows.append(torch.cat(pieces, dim=1))
-    return torch.stack(rows)
+def _document_sdpa(q, k, v, window: int | None, scaling) -> torch.Tensor:
+    """One document: SDPA in causal mode, or blocks of window-many queries when a window cuts in."""
+    if window and q.shape[2] > window:
+        return _windowed_sdpa(q, k, v, window, scaling)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+
+
+def _document_blocked(q, k, v, window: int | None, scaling) -> torch.Tensor:
+    """One document as blocked GEMMs (grouped KV heads as they are)."""
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    return blocked_causal_attention(q[0], k[0], v[0], scale=scale, window=window)[None]
 
 
 def document_attention_forward(
@@ -186,13 +180,13 @@ def document_attention_forward(
         output = _flex()(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=key.shape[1] != heads)
     elif use_flex:  # heads too wide for flex: blocked GEMMs per document
         segments = _documents.get(position_ids, padding_mask_BT, "segments", document_segments)
-        output = _blocked_segment_attention(query, key, value, segments, window, scaling)
+        output = _per_document(query, key, value, segments, lambda q, k, v: _document_blocked(q, k, v, window, scaling))
     else:
         segments = _documents.get(position_ids, padding_mask_BT, "segments", document_segments)
         groups = heads // key.shape[1]  # the memory-efficient kernel takes no grouped KV heads: expand (a view)
         key = key[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, heads, length, head_dim)
         value = value[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, heads, length, head_dim)
-        output = _segment_attention(query, key, value, segments, window, scaling)
+        output = _per_document(query, key, value, segments, lambda q, k, v: _document_sdpa(q, k, v, window, scaling))
     return output.transpose(1, 2).contiguous(), None
 
 
