@@ -127,8 +127,11 @@ def packed_step(
     repeats: int,
     device: torch.device,
     distributed: Distributed,
+    profile: Path | None = None,
 ) -> dict:
-    """Training steps on `sequences` x `length` tokens per process (FSDP2 under torchrun)."""
+    """Training steps on `sequences` x `length` tokens per process (FSDP2 under torchrun). With
+    `profile`, one more step runs under torch.profiler: its kernel table is written there and its
+    GPU time by kernel kind is returned."""
     policy = PolicyConfig(
         attention=attention,
         compile=compile,
@@ -162,6 +165,8 @@ def packed_step(
             seconds.append(time.perf_counter() - start)
     tokens = sequences * length
     tok_per_s = tokens / statistics.median(seconds)
+    table = profile / f"profile-{attention}{'-compiled' if compile else ''}-rank{distributed.rank}.txt" if profile else None
+    kernel_seconds = profiled_step(trainer, batch, table) if table else None  # every rank: FSDP's collectives
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731 (this rank's shard)
     optimizer_state_gib = (
         sum(
@@ -182,7 +187,41 @@ def packed_step(
         "mfu": tok_per_s * flops_per_token(model.config, length) / H200_BF16_DENSE_FLOPS if device.type == "cuda" else None,
         "optimizer_state_gib": optimizer_state_gib,
         "peak_gib": torch.cuda.max_memory_allocated() / GIB if device.type == "cuda" else None,
+        **({"profiled_kernel_seconds": kernel_seconds} if kernel_seconds else {}),
     }
+
+
+KERNEL_KINDS = {  # substrings of kernel names, first match wins
+    "attention": ("flash", "fmha", "attention", "flex", "triton_tem_fused"),
+    "gemm": ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitk"),
+    "optimizer": ("adam", "multi_tensor", "foreach"),
+    "nccl": ("nccl",),
+}
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS.items() if any(key in lowered for key in keys)), "other")
+
+
+def profiled_step(trainer: PolicyTrainer, batch: TrainBatch, table: Path) -> dict:
+    """One training step under torch.profiler: the 60 costliest kernels to `table`, and the step's
+    device seconds summed by kernel kind (gemm, attention, optimizer, nccl, other)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        trainer.train(batch, temperature=1.0)
+        synchronize(trainer.device)
+    on_cpu = trainer.device.type == "cpu"  # the smoke run: CPU operators stand in for kernels
+    kernels = [e for e in prof.key_averages() if on_cpu or e.device_type == torch.autograd.DeviceType.CUDA]
+    by_kind: dict[str, float] = {}
+    for event in kernels:
+        kind = kernel_kind(event.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + (event.self_cpu_time_total if on_cpu else event.self_device_time_total) / 1e6
+    table.parent.mkdir(parents=True, exist_ok=True)
+    sort_by = "self_cpu_time_total" if on_cpu else "self_device_time_total"
+    table.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=60, max_name_column_width=90))
+    return {kind: round(value, 4) for kind, value in sorted(by_kind.items())}
 
 
 def packed_steps(model, attentions: list[str], args, device: torch.device, distributed: Distributed) -> list[dict]:
@@ -199,6 +238,7 @@ def packed_steps(model, attentions: list[str], args, device: torch.device, distr
                 repeats=args.repeats,
                 device=device,
                 distributed=distributed,
+                profile=args.profile,
             )
         except Exception as error:  # noqa: BLE001 (e.g. a kernel that cannot take head_dim 512)
             run = {"attention": attention, "error": f"{type(error).__name__}: {str(error)[:300]}"}
@@ -291,6 +331,7 @@ def main() -> None:
     parser.add_argument("--packed-only", action="store_true", help="skip the 4 x 2048 comparisons")
     parser.add_argument("--moe-only", action="store_true", help="only the truncated MoE's packed step (needs --moe-layers)")
     parser.add_argument("--compile", action="store_true", help="policy.compile for the packed step (each decoder layer compiled)")
+    parser.add_argument("--profile", type=Path, default=None, help="profile one more packed step; kernel tables go here")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

@@ -151,14 +151,14 @@ class PolicyTrainer:
         self.policy = policy
         self.loss_cfg = loss
         opt = policy.optimizer
-        optimizer_class = HostAdamW if policy.optimizer_offload else torch.optim.AdamW
-        self.optimizer = optimizer_class(
-            [p for p in model.parameters() if p.requires_grad],
-            lr=opt.lr,
-            betas=opt.betas,
-            eps=opt.eps,
-            weight_decay=opt.weight_decay,
-        )
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if policy.optimizer_offload:
+            self.optimizer = HostAdamW(trainable, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+        else:  # on CUDA one fused kernel per parameter group instead of foreach's chain of kernels
+            fused = all(p.device.type == "cuda" for p in trainable) or None
+            self.optimizer = torch.optim.AdamW(
+                trainable, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay, fused=fused
+            )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda step: lr_multiplier(
