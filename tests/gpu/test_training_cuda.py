@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import Gemma4ForCausalLM
 
-from posttrain.models.document_attention import DOCUMENT_IMPLEMENTATIONS, set_training_attention
+from posttrain.models import document_attention
+from posttrain.models.document_attention import DOCUMENT_SDPA, set_training_attention
 from posttrain.models.family import final_logit_softcap, softcap_logits
 from posttrain.models.logprobs import logprobs_from_logits, packed_token_logprobs, token_logprobs
 from posttrain.models.tiny import tiny_gemma4_config
@@ -58,13 +59,14 @@ def test_chunked_head_equals_naive_logits_on_cuda():
         torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=name)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "document", "document_flex"])
+@pytest.mark.parametrize("attention", ["sdpa", "document", "document_blocked"])
 @pytest.mark.parametrize("variant", ["basic", "dense", "e_series"])
-def test_packed_and_padded_rows_equal_sdpa_padded_rows_on_cuda(attention, variant):
-    """transformers' SDPA on packed rows; posttrain's document attention (per-document SDPA, or
-    flex block masks) on packed and on padded rows. Last device run (before document_flex's
-    inputs were made contiguous): every case passed but document_flex on `dense`, whose o_proj
-    gradients disagreed."""
+def test_packed_and_padded_rows_equal_sdpa_padded_rows_on_cuda(attention, variant, monkeypatch):
+    """transformers' SDPA on packed rows; posttrain's document attention on packed and on padded
+    rows: per-document SDPA, and (document_blocked) the blocked GEMMs it gives wide heads, here
+    forced on every layer."""
+    if attention == "document_blocked":
+        monkeypatch.setattr(document_attention, "WIDE_HEAD_DIM", 0)
     model = _model(variant)
     ids_BT, mask_BT = _rows(300)
     expected = token_logprobs(model, ids_BT, mask_BT)
@@ -72,7 +74,7 @@ def test_packed_and_padded_rows_equal_sdpa_padded_rows_on_cuda(attention, varian
     expected_grads = _grads(model)
     runs = {}
     if attention.startswith("document"):
-        set_training_attention(model, DOCUMENT_IMPLEMENTATIONS[attention])
+        set_training_attention(model, DOCUMENT_SDPA)
         runs["padded"] = token_logprobs(model, ids_BT, mask_BT)
     else:
         model.set_attn_implementation(attention)

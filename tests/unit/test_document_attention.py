@@ -13,7 +13,6 @@ from posttrain.config.loss import LossConfig
 from posttrain.config.schema import OptimizerConfig, PolicyConfig
 from posttrain.models import document_attention
 from posttrain.models.document_attention import (
-    DOCUMENT_FLEX,
     DOCUMENT_SDPA,
     document_ids,
     document_segments,
@@ -59,12 +58,11 @@ def _grads(model):
 @pytest.mark.parametrize("path", ["sdpa_per_document", "blocked_gemms"])
 @pytest.mark.parametrize("variant", ["basic", "dense", "e_series", "moe"])
 def test_document_attention_equals_transformers_sdpa(variant, path, monkeypatch):
-    """`document` (per-document SDPA) and the blocked GEMMs `document_flex` gives heads wider than
-    flex takes (here every head: the threshold is set to 0)."""
+    """`document`: per-document SDPA, and the blocked GEMMs it gives heads wider than the fused
+    kernels take (here every head: the threshold is set to 0)."""
     implementation = DOCUMENT_SDPA
     if path == "blocked_gemms":
-        monkeypatch.setattr(document_attention, "FLEX_MAX_HEAD_DIM", 0)
-        implementation = DOCUMENT_FLEX
+        monkeypatch.setattr(document_attention, "WIDE_HEAD_DIM", 0)
     torch.manual_seed(0)
     model = Gemma4ForCausalLM(tiny_gemma4_config(300, variant=variant))
     for left in (False, True):
@@ -87,34 +85,12 @@ def test_document_attention_equals_transformers_sdpa(variant, path, monkeypatch)
         set_training_attention(model, "sdpa")
 
 
-@pytest.mark.parametrize("variant", ["basic", "e_series"])
-def test_flex_block_masks_equal_transformers_sdpa(variant, monkeypatch):
-    from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415
-
-    monkeypatch.setattr(document_attention, "_compiled_flex", flex_attention)  # eager on CPU
-    monkeypatch.setattr(document_attention, "FLEX_MAX_HEAD_DIM", 16)  # 32-wide heads: blocked GEMMs
-    torch.manual_seed(0)
-    model = Gemma4ForCausalLM(tiny_gemma4_config(300, variant=variant)).eval()
-    ids_BT, mask_BT = _rows(300)
-    mask = mask_BT[:, 1:].bool()
-    with torch.no_grad():
-        expected = token_logprobs(model, ids_BT, mask_BT)
-        set_training_attention(model, DOCUMENT_FLEX)
-        padded = token_logprobs(model, ids_BT, mask_BT)
-        packed = packed_token_logprobs(model, ids_BT, mask_BT)[:, 1:]
-    torch.testing.assert_close(padded[mask], expected[mask], rtol=0, atol=1e-5)
-    torch.testing.assert_close(packed[mask], expected[mask], rtol=0, atol=1e-5)
-
-
 def test_auto_picks_document_attention_only_for_text_models_on_cuda():
     model = Gemma4ForCausalLM(tiny_gemma4_config(300))
     assert resolve_training_attention("auto", model, torch.device("cpu")) == "sdpa"
     assert resolve_training_attention("auto", model, torch.device("cuda")) == DOCUMENT_SDPA
     assert resolve_training_attention("document", model, torch.device("cpu")) == DOCUMENT_SDPA
-    assert resolve_training_attention("document_flex", model, torch.device("cuda")) == DOCUMENT_FLEX
     assert resolve_training_attention("eager", model, torch.device("cpu")) == "eager"
-    with pytest.raises(ValueError, match="needs CUDA"):
-        resolve_training_attention("document_flex", model, torch.device("cpu"))
     multimodal = Gemma4ForConditionalGeneration(tiny_gemma4_multimodal_config(tiny_gemma4_config(300)))
     assert resolve_training_attention("auto", multimodal, torch.device("cuda")) == "sdpa"
     with pytest.raises(ValueError, match="image attention"):

@@ -163,13 +163,12 @@ class PolicyConfig(Section):
             "Text-only batches."
         ),
     )
-    attention: Literal["auto", "document", "document_flex", "sdpa", "eager"] = Field(
+    attention: Literal["auto", "document", "sdpa", "eager"] = Field(
         "auto",
         description=(
             "Attention kernel for training and scoring (text models). document: each packed sequence or padded row "
-            "runs SDPA on its own tokens, in causal mode, never a dense mask over the whole batch. document_flex "
-            "(CUDA, experimental: see docs/training.md): flex attention with block masks for heads up to 256 wide. "
-            "sdpa / eager: transformers' implementations. auto: document on CUDA for text models, otherwise the "
+            "attends over its own tokens, in causal mode, never a dense mask over the whole batch (SDPA; blocked GEMMs "
+            "for heads wider than 256). sdpa / eager: transformers' implementations. auto: document on CUDA for text models, otherwise the "
             "implementation the model loaded with. Rollout engines keep their own attention."
         ),
     )

@@ -7,16 +7,16 @@ layers (`benchmarks/attention_kernels.py`: 0.6-2.3 TFLOP/s useful on those shape
 
 - Documents come from the positions: a position 0 starts a document (packed rows restart their
   positions per sequence). Padding tokens form a document of their own, whichever side they are.
-- `document` (DOCUMENT_SDPA): each document runs SDPA on its own slice, in causal mode; where a
-  sliding window cuts in, on blocks of window-many queries against the keys each can see. Standard kernels; gradients checked on
-  CUDA (tests/gpu/test_training_cuda.py). The default on CUDA.
-- `document_flex` (DOCUMENT_FLEX): layers with head_dim <= 256 run compiled flex attention with a
-  block mask (blocks outside the document, the window or the causal triangle are skipped);
-  wider heads (Gemma 4's 512-wide global layers exceed flex's shared memory on H200 and flash
-  attention's head-size limit) run blocked GEMMs per document (`blocked_attention.py`; exact on
-  CPU, not yet run on a GPU). Faster on windowed layers, but EXPERIMENTAL: on the device its key/value gradients disagreed with SDPA's on the tiny `dense`
-  variant (4 query heads over 1 KV head, k_eq_v), values agreeing; inputs are now made
-  contiguous (a stride-dependent flex backward bug, pytorch#146377), not yet re-checked there.
+- `document` (DOCUMENT_SDPA): each document runs on its own slice, in causal mode. Heads up to
+  WIDE_HEAD_DIM wide run SDPA (flash attention or cuDNN on CUDA); where a sliding window cuts in,
+  on blocks of window-many queries against the keys each can see. Wider heads (Gemma 4's 512-wide
+  global layers: beyond flash attention's and cuDNN's head-size limit, flex attention's tiles do
+  not fit in shared memory, and SDPA's memory-efficient kernel spent 0.86 s of a 4.2 s E2B step in
+  its backward) run blocked GEMMs (`blocked_attention.py`). Gradients checked against
+  transformers' SDPA on CPU and CUDA (tests/gpu/test_training_cuda.py). The default on CUDA.
+
+An earlier flex-attention variant was removed: on the device its gradients disagreed with SDPA's
+on the tiny `dense` variant while its values agreed (a silent error is worse than a slow kernel).
 
 Only self-attention over whole sequences (training and scoring: queries and keys the same
 tokens); the rollout engines keep their own attention. Gemma 4's bidirectional image blocks are
@@ -24,8 +24,6 @@ not expressed here, so multimodal models stay on SDPA (`resolve_training_attenti
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +33,8 @@ from transformers.masking_utils import AttentionMaskInterface
 from posttrain.models.blocked_attention import blocked_causal_attention
 
 DOCUMENT_SDPA = "posttrain_document_sdpa"
-DOCUMENT_FLEX = "posttrain_document_flex"
-DOCUMENT_IMPLEMENTATIONS = {"document": DOCUMENT_SDPA, "document_flex": DOCUMENT_FLEX}
-FLEX_MAX_HEAD_DIM = 256
-
-_compiled_flex = None
+DOCUMENT_IMPLEMENTATIONS = {"document": DOCUMENT_SDPA}
+WIDE_HEAD_DIM = 256  # wider heads run blocked GEMMs: the fused kernels' limit
 
 
 def document_ids(position_ids_BT: torch.Tensor, padding_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,28 +52,6 @@ def document_segments(doc_BT: torch.Tensor) -> list[list[tuple[int, int]]]:
         starts, stops = [0, *bounds], [*bounds, len(row)]
         segments.append(list(zip(starts, stops, strict=True)))
     return segments
-
-
-def _flex():
-    global _compiled_flex
-    if _compiled_flex is None:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415 (CUDA-only path)
-
-        _compiled_flex = torch.compile(flex_attention)
-    return _compiled_flex
-
-
-def _block_mask(doc_BT: torch.Tensor, window: int | None):
-    from torch.nn.attention.flex_attention import create_block_mask  # noqa: PLC0415
-
-    def mask_mod(b, h, q, kv):
-        keep = (doc_BT[b, q] == doc_BT[b, kv]) & (kv <= q)
-        return keep & (q - kv < window) if window else keep
-
-    batch, length = doc_BT.shape
-    with warnings.catch_warnings():  # `_compile` builds the mask blockwise instead of as a dense [T x T]
-        warnings.filterwarnings("ignore", message=".*_compile flag on create_block_mask.*")
-        return create_block_mask(mask_mod, batch, None, length, length, device=doc_BT.device, _compile=True)
 
 
 class _Documents:
@@ -147,6 +120,7 @@ def _document_blocked(q, k, v, window: int | None, scaling) -> torch.Tensor:
     return blocked_causal_attention(q[0], k[0], v[0], scale=scale, window=window)[None]
 
 
+@torch.compiler.disable  # eager under policy.compile: the documents come from data (`tolist`); traced, every new packing would recompile the layer
 def document_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -159,7 +133,6 @@ def document_attention_forward(
     sliding_window: int | None = None,
     position_ids: torch.Tensor | None = None,
     softcap: float | None = None,
-    use_flex: bool = False,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """query [B, H, T, D], key/value [B, KV, T, D] -> ([B, T, H, D], None), transformers' layout."""
@@ -172,17 +145,11 @@ def document_attention_forward(
         position_ids = torch.arange(length, device=query.device).expand(batch, length)
     padding_mask_BT = None if attention_mask is None else attention_mask[:, 0, 0, :]
     window = sliding_window or getattr(module, "sliding_window", None)
-    if use_flex and head_dim <= FLEX_MAX_HEAD_DIM:
-        block_mask = _documents.get(position_ids, padding_mask_BT, ("block", window), lambda doc: _block_mask(doc, window))
-        # Contiguous inputs: compiled flex's backward has returned wrong key gradients for some
-        # input strides (pytorch#146377); see the module docstring.
-        query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
-        output = _flex()(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=key.shape[1] != heads)
-    elif use_flex:  # heads too wide for flex: blocked GEMMs per document
-        segments = _documents.get(position_ids, padding_mask_BT, "segments", document_segments)
+    segments = _documents.get(position_ids, padding_mask_BT, "segments", document_segments)
+    if head_dim > WIDE_HEAD_DIM:
+        key, value = key.to(query.dtype), value.to(query.dtype)  # as SDPA's autocast would
         output = _per_document(query, key, value, segments, lambda q, k, v: _document_blocked(q, k, v, window, scaling))
     else:
-        segments = _documents.get(position_ids, padding_mask_BT, "segments", document_segments)
         groups = heads // key.shape[1]  # the memory-efficient kernel takes no grouped KV heads: expand (a view)
         key = key[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, heads, length, head_dim)
         value = value[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, heads, length, head_dim)
@@ -197,14 +164,8 @@ def document_attention_mask(*args, attention_mask: torch.Tensor | None = None, *
     return None if attention_mask is None else attention_mask[:, None, None, :]
 
 
-def _document_flex_forward(*args, **kwargs) -> tuple[torch.Tensor, None]:
-    return document_attention_forward(*args, use_flex=True, **kwargs)
-
-
 AttentionInterface.register(DOCUMENT_SDPA, document_attention_forward)
-AttentionInterface.register(DOCUMENT_FLEX, _document_flex_forward)
-for _name in (DOCUMENT_SDPA, DOCUMENT_FLEX):
-    AttentionMaskInterface.register(_name, document_attention_mask)
+AttentionMaskInterface.register(DOCUMENT_SDPA, document_attention_mask)
 
 
 def is_multimodal(model: torch.nn.Module) -> bool:
@@ -222,8 +183,6 @@ def resolve_training_attention(choice: str, model: torch.nn.Module, device: torc
     if choice in DOCUMENT_IMPLEMENTATIONS:
         if is_multimodal(model):
             raise ValueError(f"policy.attention={choice} does not express image attention; use auto or sdpa for multimodal models")
-        if choice == "document_flex" and device.type != "cuda":
-            raise ValueError("policy.attention=document_flex needs CUDA (flex attention has no CPU backward); use document")
         return DOCUMENT_IMPLEMENTATIONS[choice]
     return choice
 

@@ -138,6 +138,9 @@ class PolicyTrainer:
                 "of FSDP forward/backward passes; use train_micro_batch_size under torchrun"
             )
         if policy.compile:  # per layer, before sharding (FSDP2's hooks stay outside the compiled regions)
+            # One graph per kind of layer (window, head size, KV sharing, MLP width). E2B has more
+            # kinds than dynamo's default of 8 recompiles per function, past which it runs the rest eagerly.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             for layer in decoder_layers(model):
                 layer.compile()
         if self.distributed.enabled:
