@@ -165,7 +165,8 @@ def packed_step(
             seconds.append(time.perf_counter() - start)
     tokens = sequences * length
     tok_per_s = tokens / statistics.median(seconds)
-    table = profile / f"profile-{attention}{'-compiled' if compile else ''}-rank{distributed.rank}.txt" if profile else None
+    model_name = "moe" if getattr(model.config.get_text_config(), "enable_moe_block", False) else "dense"
+    table = profile / f"profile-{model_name}-{attention}{'-compiled' if compile else ''}-rank{distributed.rank}.txt" if profile else None
     kernel_seconds = profiled_step(trainer, batch, table) if table else None  # every rank: FSDP's collectives
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731 (this rank's shard)
     optimizer_state_gib = (

@@ -85,7 +85,9 @@ def test_packed_and_padded_rows_equal_sdpa_padded_rows_on_cuda(attention, varian
         (got * mask_BT[:, 1:]).sum().backward()
         for name, grad in _grads(model).items():
             scale = float(expected_grads[name].abs().max())
-            torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5 * scale, msg=f"{run} {name}")
+            torch.testing.assert_close(
+                grad, expected_grads[name], rtol=1e-4, atol=1e-5 * scale, msg=lambda m, run=run, name=name: f"{run} {name}: {m}"
+            )
 
 
 @pytest.mark.parametrize("window", [None, 40])

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
 
+from posttrain.models.experts import AUTOCAST_GROUPED_MM
 from posttrain.models.family import is_dropped_key, map_checkpoint_key
 from posttrain.models.gemma4 import GEMMA4
 from posttrain.models.generic import GENERIC
@@ -182,7 +183,7 @@ def test_moe_checkpoints_load_with_grouped_expert_gemms_and_the_same_values(tmp_
     config = tiny_gemma4_config(300, variant="moe")
     Gemma4ForCausalLM(config).save_pretrained(tmp_path)
     grouped = load_policy(tmp_path)
-    assert grouped.config._experts_implementation == "grouped_mm"
+    assert grouped.config._experts_implementation == AUTOCAST_GROUPED_MM
     eager = load_policy(tmp_path)
     eager.set_experts_implementation("eager")
     ids_BT = torch.randint(3, 300, (3, 20), generator=torch.Generator().manual_seed(0))

@@ -23,6 +23,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin
 
+from posttrain.models.experts import AUTOCAST_GROUPED_MM
 from posttrain.models.family import is_dropped_key
 from posttrain.models.registry import family_for
 
@@ -155,11 +156,12 @@ def load_policy(
 
 def use_grouped_experts(model: torch.nn.Module) -> bool:
     """Mixture-of-experts layers run their experts as grouped GEMMs (torch's grouped_mm, with
-    transformers' fallback where it is unavailable) instead of transformers' default Python loop
-    over experts; same values (tests/unit/test_loading.py). Returns whether the model has experts."""
+    transformers' fallback where it is unavailable; in the autocast dtype, `experts.py`) instead of
+    transformers' default Python loop over experts; same values (tests/unit/test_loading.py).
+    Returns whether the model has experts."""
     if not getattr(model.config.get_text_config(), "enable_moe_block", False):
         return False
-    model.set_experts_implementation("grouped_mm")
+    model.set_experts_implementation(AUTOCAST_GROUPED_MM)
     return True
 
 
