@@ -35,6 +35,7 @@ CASES = {
     # bf16 gathers vs the one-process bf16 autocast: bf16 norms and residual stream, so close, not equal
     "bf16_gathers": ({"fsdp_param_dtype": "bfloat16", "precision": "bfloat16"}, 4, 2),
     "optimizer_offload": ({"optimizer_offload": True}, 4, 2),  # AdamW on each rank's host copy of its shards
+    "parameter_offload": ({"parameter_offload": True}, 4, 2),  # shards, gradients and AdamW in host memory
 }
 
 VARIANTS = {"e_series": "e_series", "moe": "moe"}
@@ -66,6 +67,8 @@ def run_step(case: str, distributed: Distributed, device: str = "cpu") -> tuple[
         max_grad_norm=None,
         optimizer=OptimizerConfig(lr=1e-3, eps=1e-6),
     )
+    if not distributed.enabled:  # the reference is the plain one-process step (parameter offload needs FSDP2)
+        overrides = {k: v for k, v in overrides.items() if k != "parameter_offload"}
     policy = PolicyConfig(**{**fields, **overrides})
     engine = ContinuousBatchingEngine(model, pad_token_id=0, precision="bfloat16_autocast")  # before sharding
     trainer = PolicyTrainer(model, policy, LossConfig(), total_optimizer_steps=1, distributed=distributed)
@@ -76,6 +79,8 @@ def run_step(case: str, distributed: Distributed, device: str = "cpu") -> tuple[
     full = lambda t: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()  # noqa: E731
     params = {name: full(param) for name, param in trainer.model.named_parameters()}
     # Adam's first moment after one step is (1 - beta1) * gradient: the gradient, gathered
+    if policy.parameter_offload:  # compute stays on the model's device, the shards moved to the host
+        assert all(p.to_local().device.type == "cpu" for p in trainer.model.parameters())
     if policy.optimizer_offload:  # the moments are host copies of this rank's shards: compare the weights only
         moments = {}
     else:
@@ -125,3 +130,11 @@ def check_two_processes(case: str, got: dict, expected_metrics: dict, expected_p
     initial = Gemma4ForCausalLM(tiny_gemma4_config(300, variant=VARIANTS.get(case, "basic")))
     moved = max(float((expected_params[n] - p).abs().max()) for n, p in initial.named_parameters())
     assert moved > 5e-4  # the step moved the weights by about lr: the comparison is not vacuous
+
+
+def test_parameter_offload_needs_torchrun_and_replaces_optimizer_offload():
+    model = Gemma4ForCausalLM(tiny_gemma4_config(300))
+    with pytest.raises(ValueError, match="launch with torchrun"):
+        PolicyTrainer(model, PolicyConfig(parameter_offload=True), LossConfig(), total_optimizer_steps=1)
+    with pytest.raises(ValueError, match="set optimizer_offload: false"):
+        PolicyConfig(parameter_offload=True, optimizer_offload=True)

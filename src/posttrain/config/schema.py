@@ -155,6 +155,16 @@ class PolicyConfig(Section):
             "per parameter. Under torchrun each rank offloads its shards."
         ),
     )
+    parameter_offload: bool = Field(
+        False,
+        description=(
+            "Under torchrun (FSDP2): keep each rank's shards of the fp32 parameters, their gradients and AdamW's "
+            "state in pinned host memory (FSDP2's CPUOffloadPolicy); each decoder layer's parameters come to the GPU "
+            "for its forward and backward only and the optimizer step runs on the CPU. For models whose shards do "
+            "not fit beside the activations; slower (every step moves weights and gradients over PCIe). Includes "
+            "what optimizer_offload does."
+        ),
+    )
     sequence_packing: bool = Field(
         False,
         description=(
@@ -186,6 +196,15 @@ class PolicyConfig(Section):
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     generation: GenerationConfig = GenerationConfig()
+
+    @model_validator(mode="after")
+    def one_offload(self) -> PolicyConfig:
+        if self.parameter_offload and self.optimizer_offload:
+            raise ValueError(
+                "parameter_offload already keeps AdamW's state in host memory (with the parameters); "
+                "set optimizer_offload: false"
+            )
+        return self
 
 
 class TinyModelConfig(Section):

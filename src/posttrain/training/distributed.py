@@ -11,6 +11,11 @@ Mixed precision: parameters and optimizer state stay fp32 on their shards. `para
 exactly the one-process arithmetic; "bfloat16" gathers bf16 copies (half the communication,
 bf16 norms and residual stream). Gradients are reduced in fp32 and summed, not averaged: the
 loss is already normalized by the global token count (the trainer all-reduces it).
+
+Parameter offload (`policy.parameter_offload`): the shards, their gradients and the optimizer
+state live in pinned host memory; FSDP2 copies a unit's shards to the GPU before gathering them.
+CUDA runs use NCCL for CUDA tensors and gloo for CPU ones (the gradient-norm reduction and the
+engine refresh then see CPU shards).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from posttrain.models.logprobs import packed_token_logprobs, token_logprobs
 
@@ -48,6 +53,7 @@ def init_distributed(backend: str | None = None) -> Distributed:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            backend = "cpu:gloo,cuda:nccl"  # collectives on host tensors too (parameter offload's shards)
         dist.init_process_group(backend)
     return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size())
 
@@ -89,15 +95,18 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(text_model.layers)
 
 
-def shard_policy(model: torch.nn.Module, *, param_dtype: str = "float32") -> LogprobModule:
-    """FSDP2 over the default process group: one unit per decoder layer, the rest in the root."""
+def shard_policy(model: torch.nn.Module, *, param_dtype: str = "float32", offload: bool = False) -> LogprobModule:
+    """FSDP2 over the default process group: one unit per decoder layer, the rest in the root.
+    `offload`: the shards move to pinned host memory (the model's device stays the compute device)."""
     policy = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if param_dtype == "bfloat16" else torch.float32, reduce_dtype=torch.float32
     )
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    options = {"mp_policy": policy, **({"offload_policy": CPUOffloadPolicy(pin_memory=on_cuda)} if offload else {})}
     broadcast_parameters(model)
     for layer in decoder_layers(model):
-        fully_shard(layer, mp_policy=policy)
-    root = fully_shard(LogprobModule(model), mp_policy=policy)
+        fully_shard(layer, **options)
+    root = fully_shard(LogprobModule(model), **options)
     for module in root.modules():
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)  # sum over ranks: the loss is globally normalized

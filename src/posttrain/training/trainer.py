@@ -127,7 +127,8 @@ class PolicyTrainer:
         `distributed` (torchrun, world size > 1): the model is sharded with FSDP2 here, each rank
         trains on its own rows, and the loss is normalized by the token count over all ranks."""
         assert_fp32_master_weights(model)
-        self.attention = resolve_training_attention(policy.attention, model, next(model.parameters()).device)
+        self.compute_device = next(model.parameters()).device  # parameter offload moves the shards to the host
+        self.attention = resolve_training_attention(policy.attention, model, self.compute_device)
         for module in (model, reference_model):
             if module is not None:
                 set_training_attention(module, self.attention)
@@ -143,8 +144,13 @@ class PolicyTrainer:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             for layer in decoder_layers(model):
                 layer.compile()
+        if policy.parameter_offload and not self.distributed.enabled:
+            raise ValueError(
+                "policy.parameter_offload shards the parameters to host memory with FSDP2: launch with torchrun "
+                "(2 or more processes), or use optimizer_offload in one process"
+            )
         if self.distributed.enabled:
-            self.logprob_module = shard_policy(model, param_dtype=policy.fsdp_param_dtype)
+            self.logprob_module = shard_policy(model, param_dtype=policy.fsdp_param_dtype, offload=policy.parameter_offload)
         else:
             self.logprob_module = LogprobModule(model)
         if loss.reference_policy_kl_penalty > 0 and reference_model is None:
@@ -196,12 +202,13 @@ class PolicyTrainer:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where batches go and the model computes (the parameters' home unless offloaded)."""
+        return self.compute_device
 
     def autocast(self):
         if self.policy.precision == "float32":
             return nullcontext()
-        device_type = next(self.model.parameters()).device.type
+        device_type = self.compute_device.type
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
     @torch.no_grad()
