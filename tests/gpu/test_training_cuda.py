@@ -65,8 +65,12 @@ def test_packed_and_padded_rows_equal_sdpa_padded_rows_on_cuda(attention, varian
     """transformers' SDPA on packed rows; posttrain's document attention on packed and on padded
     rows: per-document SDPA, and (document_blocked) the blocked GEMMs it gives wide heads, here
     forced on every layer."""
+    atol = 1e-5  # of each gradient's largest entry
     if attention == "document_blocked":
         monkeypatch.setattr(document_attention, "WIDE_HEAD_DIM", 0)
+        # fp32 GEMMs with a different summation order than the fused kernels: on the device, one
+        # of 2048 entries of dense's layer-0 q_proj gradient was 1.6e-5 of the scale off (values exact)
+        atol = 3e-5
     model = _model(variant)
     ids_BT, mask_BT = _rows(300)
     expected = token_logprobs(model, ids_BT, mask_BT)
@@ -86,7 +90,7 @@ def test_packed_and_padded_rows_equal_sdpa_padded_rows_on_cuda(attention, varian
         for name, grad in _grads(model).items():
             scale = float(expected_grads[name].abs().max())
             torch.testing.assert_close(
-                grad, expected_grads[name], rtol=1e-4, atol=1e-5 * scale, msg=lambda m, run=run, name=name: f"{run} {name}: {m}"
+                grad, expected_grads[name], rtol=1e-4, atol=atol * scale, msg=lambda m, run=run, name=name: f"{run} {name}: {m}"
             )
 
 

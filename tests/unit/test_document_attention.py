@@ -106,3 +106,26 @@ def test_trainer_sets_the_attention_and_generation_copies_do_not_keep_it():
     engine = TorchRolloutEngine(model, pad_token_id=0, dtype=torch.float32)
     assert engine.model.config._attn_implementation == "sdpa"
     assert model.config._attn_implementation == DOCUMENT_SDPA
+
+
+def test_wide_heads_run_in_the_autocast_dtype(monkeypatch):
+    """Under autocast the blocked GEMMs take bf16 inputs whatever dtypes q, k and v arrive in
+    (Gemma 4's rotary embeddings return q and k in fp32, v stays bf16), as SDPA would."""
+    seen = []
+    real = document_attention.blocked_causal_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(document_attention, "blocked_causal_attention", spy)
+    monkeypatch.setattr(document_attention, "WIDE_HEAD_DIM", 0)
+    query, key = torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8)
+    value = torch.randn(1, 2, 12, 8, dtype=torch.bfloat16)
+    module = torch.nn.Module()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = document_attention.document_attention_forward(module, query, key, value, None, scaling=1.0)
+    assert seen == [(torch.bfloat16,) * 3] and out.dtype == torch.bfloat16
+    seen.clear()
+    document_attention.document_attention_forward(module, query, key, value.float(), None, scaling=1.0)
+    assert seen == [(torch.float32,) * 3]
