@@ -96,7 +96,7 @@ def run_case(backend: str, head_dim: int, window: int | None, documents: int, le
                 )
             out.sum().backward()
     elif backend == "blocked":
-        # one call per document, as posttrain's document_flex attention runs 512-wide heads
+        # one call per document, as posttrain's document attention runs 512-wide heads
         def step():
             pieces = [
                 blocked_causal_attention(q[0, :, s : s + length], k[0, :, s : s + length], v[0, :, s : s + length], scale=1.0, window=window)

@@ -1,6 +1,6 @@
 """The training engine's CPU-tested paths on a CUDA device: the chunked head against the naive
-logits path (fp32), and packed rows against padded rows under SDPA and flex attention
-(document mask as a block mask), values and gradients.
+logits path (fp32), and packed rows against padded rows under transformers' SDPA and posttrain's
+document attention (per-document SDPA, blocked GEMMs for wide heads), values and gradients.
 
 Run through the device tool: `python -m pytest tests/gpu -q -s` (skipped without CUDA).
 """
