@@ -10,6 +10,12 @@ a random-init model's groups all score 0, so DAPO would discard every one of the
 
     python benchmarks/dapo_step.py --preset e2b
     torchrun --nproc-per-node 2 benchmarks/dapo_step.py --preset e2b --baseline results/one_gpu.json
+    python benchmarks/dapo_step.py --preset e2b --trl      # and TRL's GRPOTrainer, same workload
+
+With --trl (one process), TRL's GRPOTrainer first runs the same workload in a child process of its
+own (`trl_grpo.py`; its peak memory is its own), then posttrain's; the result adds
+`posttrain_step_seconds` / `trl_step_seconds` (steady-state steps), posttrain's phases,
+`posttrain_peak_gib` / `trl_peak_gib` and the ratio of the steady-state means.
 
 Writes benchmarks/results/dapo_step-<gpu>[x<N>].json (rank 0): per-step phase seconds, steady-state
 means (the first step, which captures CUDA graphs and warms kernels, excluded), tokens/s per GPU and
@@ -27,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 import yaml
 from transformers import Gemma4ForCausalLM
 
@@ -69,6 +76,7 @@ def recipe(checkpoint: Path, log_dir: Path, args, on_gpu: bool) -> dict:
             "precision": "bfloat16" if on_gpu else "float32",
             "activation_checkpointing": True,
             "sequence_packing": True,
+            "compile": args.compile_train,
             "train_global_batch_size": args.prompts * args.generations,
             "train_micro_batch_size": args.micro_batch,
             "max_total_sequence_length": 64 + args.new_tokens,
@@ -130,6 +138,49 @@ def summarize(records: list[dict], world_size: int, peaks_gib: list[float], args
     }
 
 
+def _trl_child(queue, checkpoint: Path, output_dir: Path, options: dict) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from trl_grpo import run_trl_grpo  # noqa: PLC0415 (benchmark-only dependency)
+
+    queue.put(run_trl_grpo(checkpoint, output_dir, **options))
+
+
+def run_trl(checkpoint: Path, args) -> dict:
+    """TRL's steps in a spawned process: its own CUDA context, so its peak memory is its own."""
+    options = dict(prompts=args.prompts, generations=args.generations, new_tokens=args.new_tokens, micro_batch=args.micro_batch, steps=args.steps)
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_trl_child, args=(queue, checkpoint, args.workdir / "trl-run", options))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"TRL's run failed (exit code {child.exitcode}); its traceback is above")
+    return queue.get()
+
+
+def comparison(posttrain: dict, trl: dict) -> dict:
+    """The issue's keys: steady-state steps (the first, which warms kernels, excluded) of both."""
+    ours, theirs = posttrain["step_seconds"][1:], trl["step_seconds"][1:]
+    phases = posttrain["steady_state_phase_seconds"]
+    return {
+        "posttrain_step_seconds": ours,
+        "trl_step_seconds": theirs,
+        "speedup": statistics.mean(theirs) / statistics.mean(ours),
+        "posttrain_phase_seconds": {
+            "generation": phases["generation"],
+            "scoring": phases["scoring"],
+            # one optimizer step per rollout batch: the old logprobs are the training forward's, detached
+            "logprobs": 0.0,
+            "training": phases["training"],
+            "weight_refresh": phases["weight_refresh"],
+        },
+        "posttrain_peak_gib": posttrain["peak_gib_per_gpu"][0],
+        "trl_peak_gib": trl["peak_gib"],
+        "trl_version": trl["trl_version"],
+        "trl_first_step_seconds": trl["step_seconds"][0],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="e2b")
@@ -141,17 +192,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--backend", default="auto", help="policy.generation.backend")
     parser.add_argument("--compile", action="store_true", help="policy.generation.compile (slow first step)")
+    parser.add_argument("--compile-train", action="store_true", help="policy.compile: each decoder layer compiled for training")
     parser.add_argument("--baseline", type=Path, default=None, help="a one-process result to put beside this one")
+    parser.add_argument("--trl", action="store_true", help="also TRL's GRPOTrainer on the same workload (one process)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
     distributed = init_distributed()
+    if args.trl and distributed.enabled:
+        parser.error("--trl compares one process with one process: run it without torchrun")
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     checkpoint = args.workdir / f"checkpoint-{args.preset}"
     if distributed.is_main and not (checkpoint / "config.json").exists():
         build_checkpoint(args.preset, checkpoint, device)
     barrier(distributed)
+    trl = run_trl(checkpoint, args) if args.trl else None
     if on_gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -180,6 +236,8 @@ def main() -> None:
         + "benchmarks/dapo_step.py "
         + " ".join(sys.argv[1:]),
     )
+    if trl is not None:
+        result = {**comparison(result, trl), **result, "trl": trl}
     if args.baseline is not None:
         result = {"this_run": result, "one_process": json.loads(args.baseline.read_text())}
     print(json.dumps(result, indent=1))
