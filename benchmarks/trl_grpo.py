@@ -89,7 +89,7 @@ def run_trl_grpo(checkpoint: Path, output_dir: Path, *, prompts: int, generation
         dataloader_num_workers=0,
     )
     timer = StepTimer()
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
     if on_gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -103,8 +103,16 @@ def run_trl_grpo(checkpoint: Path, output_dir: Path, *, prompts: int, generation
     )
     trainer.train()
     peak = torch.cuda.max_memory_allocated() / GIB if on_gpu else None
+    logged = [record for record in trainer.state.log_history if "completions/mean_length" in record]
     del trainer
     gc.collect()
     if on_gpu:
         torch.cuda.empty_cache()
-    return {"trl_version": trl.__version__, "step_seconds": timer.seconds, "peak_gib": peak}
+    return {
+        "trl_version": trl.__version__,
+        "step_seconds": timer.seconds,
+        "peak_gib": peak,
+        # the workload check: every completion new_tokens long, as in posttrain's run
+        "completion_mean_length": [record["completions/mean_length"] for record in logged],
+        "loss": [record.get("loss") for record in logged],
+    }
