@@ -219,6 +219,13 @@ class TinyModelConfig(Section):
     vocab_size: int = Field(128, ge=16, description="BPE merges beyond the 256 byte symbols and special tokens.")
     tokenizer_corpus_size: int = Field(2000, ge=1, description="Training prompts + answers used to train the tokenizer.")
     seed: int = Field(0, description="Seed of the random initialization.")
+    multimodal: bool = Field(
+        False,
+        description=(
+            "Build a tiny multimodal Gemma 4 (vision and audio towers, and Gemma 4's processor: one image soft "
+            "token per 12 x 12 pixels, image sides multiples of 12) for data with images."
+        ),
+    )
 
     @model_validator(mode="after")
     def heads_divide(self) -> TinyModelConfig:

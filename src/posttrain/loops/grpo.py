@@ -22,7 +22,7 @@ from posttrain.algorithms.reward_shaping import overlong_filter_mask
 from posttrain.checkpoint.export import FINAL_MODEL_DIR, export_hf
 from posttrain.checkpoint.store import latest_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.config.schema import RecipeConfig
-from posttrain.loops.rollouts import generate_and_score
+from posttrain.loops.rollouts import PromptImages, generate_and_score
 from posttrain.loops.setup import RunParts, build_run
 from posttrain.loops.validation import validate
 from posttrain.metrics.console import Console
@@ -37,8 +37,9 @@ class RunResult:
     validation_accuracy: dict[int, float]
 
 
-def to_train_batch(groups: dict[str, torch.Tensor], cfg: RecipeConfig) -> TrainBatch:
-    """Flatten [P, G, ...] groups into samples, compute advantages, trim padding columns."""
+def to_train_batch(groups: dict[str, torch.Tensor], cfg: RecipeConfig, images: PromptImages | None = None) -> TrainBatch:
+    """Flatten [P, G, ...] groups into samples, compute advantages, trim padding columns; with
+    `images`, each row's images by the groups' image_index."""
     grpo = cfg.grpo
     valid_PG = torch.ones_like(groups["rewards"], dtype=torch.bool)
     if grpo.overlong_filtering:
@@ -58,6 +59,7 @@ def to_train_batch(groups: dict[str, torch.Tensor], cfg: RecipeConfig) -> TrainB
         loss_mask_BT=loss_mask_BT,
         advantages_B=advantages_PG.flatten(),
         gen_logprobs_BT=flat["gen_logprobs"][:, :width],
+        images=images.rows(flat["image_index"]) if images is not None else (),
     )
 
 
@@ -120,6 +122,7 @@ def collect_step_groups(
             grpo=grpo,
             num_generations=grpo.num_generations_per_prompt,
             width=cfg.policy.max_total_sequence_length,
+            images=parts.images,
         )
         for key, value in timings.items():
             metrics[key] = metrics.get(key, 0.0) + value
@@ -266,7 +269,7 @@ def run_grpo(cfg: RecipeConfig, *, console: Console, distributed: Distributed | 
             metrics.update(parts.env.pop_metrics())  # this rank's scoring (rank 0's is logged)
 
             train_start = time.perf_counter()
-            batch = to_train_batch(kept, cfg)
+            batch = to_train_batch(kept, cfg, parts.images)
             share = len(batch) // distributed.world_size  # each rank trains on its share of the samples
             batch = batch.rows(distributed.rank * share, (distributed.rank + 1) * share)
             train_metrics = trainer.train(batch, temperature=parts.sampling_params.temperature)

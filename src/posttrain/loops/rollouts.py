@@ -7,6 +7,10 @@ batches (dynamic sampling) concatenate.
 An empty response (nothing but special tokens, e.g. the model ends its turn at once, or only
 whitespace) is kept: the environment scores it like any other (a verifier finds no answer: 0),
 it trains like any other, and it is counted in train/empty_responses.
+
+Prompts with images: the engine gets each prompt's images, and the groups carry an `image_index`
+[P, G] into the run's `PromptImages` table (-1: text only), so that groups stay tensors through
+dynamic sampling, its checkpointed carry-over and the gather over ranks.
 """
 
 from __future__ import annotations
@@ -21,7 +25,22 @@ from posttrain.config.schema import GRPOConfig
 from posttrain.data.batching import right_padded_rows
 from posttrain.data.prompts import Prompt
 from posttrain.environments import Environment, scoring_metadata
-from posttrain.rollout.base import Rollout, RolloutEngine, SamplingParams
+from posttrain.rollout.base import MultimodalPrompt, Rollout, RolloutEngine, SamplingParams
+
+
+class PromptImages:
+    """The run's prompt images by index (prompts' order, text-only prompts skipped): a rollout
+    group names its rows' images by index, and the training batch looks them up."""
+
+    def __init__(self, prompts: list[Prompt]):
+        self.table: list[MultimodalPrompt] = [p.multimodal for p in prompts if p.multimodal is not None]
+        self._index = {id(m): i for i, m in enumerate(self.table)}
+
+    def index(self, prompt: Prompt) -> int:
+        return -1 if prompt.multimodal is None else self._index[id(prompt.multimodal)]
+
+    def rows(self, index_B: torch.Tensor) -> tuple[MultimodalPrompt | None, ...]:
+        return tuple(None if i < 0 else self.table[i] for i in index_B.tolist())
 
 
 def pack_rollouts(rollouts: list[Rollout], width: int, pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -46,6 +65,7 @@ def generate_and_score(
     grpo: GRPOConfig,
     num_generations: int,
     width: int,
+    images: PromptImages | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Sample `num_generations` responses per prompt and score them. Tensors are [P, G, ...].
 
@@ -55,7 +75,8 @@ def generate_and_score(
     metrics: dict[str, float] = {}
     start = time.perf_counter()
     repeated = [prompt for prompt in prompts for _ in range(num_generations)]
-    rollouts = engine.generate([p.token_ids for p in repeated], params)
+    multimodal = [p.multimodal for p in repeated] if images is not None else None
+    rollouts = engine.generate([p.token_ids for p in repeated], params, multimodal)
     metrics["timing/generation"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -93,4 +114,6 @@ def generate_and_score(
         lengths=grouped(lengths_N),
         truncated=grouped(truncated_N),
     )
+    if images is not None:
+        groups["image_index"] = grouped(torch.tensor([images.index(p) for p in repeated]))
     return groups, metrics

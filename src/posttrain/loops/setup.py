@@ -13,16 +13,17 @@ from transformers import PreTrainedTokenizerBase
 
 from posttrain.config.loader import dump_config
 from posttrain.config.schema import RecipeConfig
-from posttrain.data.prompts import Prompt, PromptIterator, load_samples, tokenize_prompts
+from posttrain.data.prompts import Prompt, PromptIterator, load_samples, tokenize_multimodal_prompts, tokenize_prompts
 from posttrain.data.sources import BadRows
 from posttrain.data.templates import render, resolve_template
 from posttrain.data.types import Sample
 from posttrain.environments import Environment, build
+from posttrain.loops.rollouts import PromptImages
 from posttrain.loops.warm_start import warm_start
 from posttrain.metrics.console import Console
 from posttrain.models.activation_checkpointing import enable_activation_checkpointing
 from posttrain.models.freezing import apply_freeze_config
-from posttrain.models.loading import load_policy, load_tokenizer, stop_token_ids
+from posttrain.models.loading import load_policy, load_processor, load_tokenizer, stop_token_ids
 from posttrain.models.tiny import END_OF_TURN, save_tiny_gemma4, train_tokenizer
 from posttrain.rollout.base import RolloutEngine, SamplingParams
 from posttrain.rollout.continuous_engine import ContinuousBatchingEngine
@@ -51,6 +52,7 @@ class RunParts:
     sampling_params: SamplingParams
     console: Console
     data_metrics: dict[str, float] = field(default_factory=dict)  # data/*: logged with the run's first record
+    images: PromptImages | None = None  # the training prompts' images; None for text-only data
     warm_start_losses: list[float] = field(default_factory=list)
 
     def run_warm_start(self) -> None:
@@ -90,11 +92,12 @@ def prepare_tiny_model(cfg: RecipeConfig, train_samples: list[Sample], out_dir: 
         for s in train_samples[: tiny.tokenizer_corpus_size]
     ]
     corpus += ["user model"]  # the chat template's role names
-    tokenizer = train_tokenizer(corpus, vocab_size=256 + 6 + tiny.vocab_size)
+    tokenizer = train_tokenizer(corpus, vocab_size=256 + 6 + tiny.vocab_size, multimodal=tiny.multimodal)
     save_tiny_gemma4(
         tmp_dir,
         tokenizer,
         seed=tiny.seed,
+        multimodal=tiny.multimodal,
         hidden_size=tiny.hidden_size,
         num_hidden_layers=tiny.num_hidden_layers,
         num_attention_heads=tiny.num_attention_heads,
@@ -128,13 +131,17 @@ def load_data(cfg: RecipeConfig) -> LoadedData:
 
 
 def tokenize_data(
-    cfg: RecipeConfig, data: LoadedData, tokenizer: PreTrainedTokenizerBase, console: Console
+    cfg: RecipeConfig, data: LoadedData, tokenizer: PreTrainedTokenizerBase, console: Console, processor=None
 ) -> tuple[list[Prompt], list[Prompt], dict[str, float]]:
     """Training and validation prompts, and the data/* metrics; skipped rows and prompts dropped
-    for length are noted on the console."""
+    for length are noted on the console. With a `processor` (data with images) prompts go through
+    it: images become soft-token placeholders and pixel tensors."""
     max_prompt = cfg.policy.max_total_sequence_length - cfg.policy.generation.max_new_tokens
-    train = tokenize_prompts(data.train, tokenizer, template=data.template, max_prompt_tokens=max_prompt)
-    val = tokenize_prompts(data.validation, tokenizer, template=data.template, max_prompt_tokens=max_prompt)
+    if processor is not None:
+        tokenize = partial(tokenize_multimodal_prompts, processor=processor, template=data.template, max_prompt_tokens=max_prompt)
+    else:
+        tokenize = partial(tokenize_prompts, tokenizer=tokenizer, template=data.template, max_prompt_tokens=max_prompt)
+    train, val = tokenize(data.train), tokenize(data.validation)
     if data.skipped_rows:
         first = "; ".join(data.skipped_rows[:3])
         console.note(f"data: skipped {len(data.skipped_rows)} malformed rows (data.on_bad_row: skip), first: {first}")
@@ -155,9 +162,10 @@ def tokenize_data(
 
 
 def build_engine(
-    cfg: RecipeConfig, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, device: str
+    cfg: RecipeConfig, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, device: str, *, images: bool = False
 ) -> RolloutEngine:
-    """The recipe's rollout engine (policy.generation.backend; auto: continuous on CUDA, torch on CPU)."""
+    """The recipe's rollout engine (policy.generation.backend; auto: continuous on CUDA, torch on
+    CPU). `images`: the data has images, so the generator keeps the vision tower."""
     gen = cfg.policy.generation
     backend = gen.backend if gen.backend != "auto" else ("continuous" if device.startswith("cuda") else "torch")
     decode_text = partial(tokenizer.decode, skip_special_tokens=False)
@@ -167,6 +175,7 @@ def build_engine(
             pad_token_id=tokenizer.pad_token_id,
             precision="bfloat16_autocast" if gen.dtype == "auto" else gen.dtype,
             max_batch_size=gen.max_batch_size,
+            language_model_only=not images,
             compile=gen.compile,
             decode_text=decode_text,
         )
@@ -209,9 +218,14 @@ def build_run(cfg: RecipeConfig, *, console: Console, distributed: Distributed |
     if cfg.policy.activation_checkpointing:
         enable_activation_checkpointing(model)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust)
-    train, val, data_metrics = tokenize_data(cfg, data, tokenizer, console)
+    with_images = any(s.images for s in (*data.train, *data.validation))
+    processor = None
+    if with_images:
+        check_image_recipe(cfg, model)
+        processor = load_processor(model_dir, trust_remote_code=trust)
+    train, val, data_metrics = tokenize_data(cfg, data, tokenizer, console, processor)
 
-    engine = build_engine(cfg, model, tokenizer, device)
+    engine = build_engine(cfg, model, tokenizer, device, images=with_images)
     gen = cfg.policy.generation
     sampling = SamplingParams(
         temperature=gen.temperature,
@@ -234,4 +248,16 @@ def build_run(cfg: RecipeConfig, *, console: Console, distributed: Distributed |
         sampling_params=sampling,
         console=console,
         data_metrics=data_metrics,
+        images=PromptImages(train) if with_images else None,
     )
+
+
+def check_image_recipe(cfg: RecipeConfig, model: torch.nn.Module) -> None:
+    """Data with images needs a model that sees them and padded rows (packing is text-only)."""
+    if getattr(model.config, "vision_config", None) is None:
+        hint = (
+            "set policy.text_only: false" if cfg.policy.text_only else "use a multimodal checkpoint (or tiny_model.multimodal: true)"
+        )
+        raise ValueError(f"the data has images but the policy {type(model).__name__} has no vision tower; {hint}")
+    if cfg.policy.sequence_packing:
+        raise ValueError("the data has images: policy.sequence_packing is text-only; set it to false")

@@ -23,7 +23,8 @@ def validate(parts: RunParts, cfg: RecipeConfig, *, step: int) -> dict[str, floa
         # Greedy (0) is sampling at a vanishing temperature: the argmax token, always.
         params = replace(params, temperature=temperature if temperature > 0 else 1e-6)
     prompts = parts.val_prompts
-    rollouts = parts.engine.generate([p.token_ids for p in prompts], params)
+    multimodal = [p.multimodal for p in prompts] if parts.images is not None else None
+    rollouts = parts.engine.generate([p.token_ids for p in prompts], params, multimodal)
     responses = [parts.tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in rollouts]
     rewards = torch.tensor(
         parts.env.score([p.text for p in prompts], responses, [scoring_metadata(p.sample) for p in prompts]),

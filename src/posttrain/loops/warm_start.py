@@ -17,6 +17,7 @@ from posttrain.config.schema import WarmStartConfig
 from posttrain.data.batching import right_padded_rows
 from posttrain.data.prompts import Prompt
 from posttrain.models.logprobs import token_logprobs
+from posttrain.rollout.base import image_inputs
 
 
 def supervised_rows(
@@ -52,7 +53,8 @@ def warm_start(
         input_ids, attention_mask, target_mask = (
             t.to(device) for t in supervised_rows(batch, answers, tokenizer, end_of_turn_id)
         )
-        logprobs_BT1 = token_logprobs(model, input_ids, attention_mask)
+        images = image_inputs([p.multimodal for p in batch], device=device)  # empty for text-only prompts
+        logprobs_BT1 = token_logprobs(model, input_ids, attention_mask, **images)
         loss = -(logprobs_BT1 * target_mask[:, 1:]).sum() / target_mask.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

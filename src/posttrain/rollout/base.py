@@ -38,6 +38,19 @@ class MultimodalPrompt:
     image_position_ids: torch.Tensor
 
 
+def image_inputs(images, *, device: torch.device | None = None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The images of a batch's rows (None: a text-only row) as the model's forward takes them: each
+    row's images in row order, which is the order of their placeholders in the batch. Empty when
+    no row has one."""
+    present = [m for m in images if m is not None]
+    if not present:
+        return {}
+    return {
+        "pixel_values": torch.cat([m.pixel_values for m in present]).to(device=device, dtype=dtype),
+        "image_position_ids": torch.cat([m.image_position_ids for m in present]).to(device=device),
+    }
+
+
 FinishReason = Literal["stop", "length"]
 
 

@@ -20,7 +20,7 @@ from transformers import DynamicCache
 from posttrain.models.document_attention import is_document_attention
 from posttrain.models.logprobs import forward_inputs
 from posttrain.models.registry import family_for
-from posttrain.rollout.base import MultimodalPrompt, Rollout, SamplingParams, check_request
+from posttrain.rollout.base import MultimodalPrompt, Rollout, SamplingParams, check_request, image_inputs
 from posttrain.rollout.sampling import first_stop_string_end, truncate_logits
 
 
@@ -164,13 +164,7 @@ class TorchRolloutEngine:
 
     def _batch_multimodal(self, multimodal: list[MultimodalPrompt | None] | None) -> dict:
         """The rows' images concatenated in row order (the order of their placeholders in the batch)."""
-        images = [m for m in multimodal or [] if m is not None]
-        if not images:
-            return {}
-        return {
-            "pixel_values": torch.cat([m.pixel_values for m in images]).to(self._device, self._dtype),
-            "image_position_ids": torch.cat([m.image_position_ids for m in images]).to(self._device),
-        }
+        return image_inputs(multimodal or [], device=self._device, dtype=self._dtype)
 
     @property
     def _dtype(self) -> torch.dtype:

@@ -28,7 +28,7 @@ from posttrain.algorithms.pg_loss import clipped_pg_loss
 from posttrain.config.loss import LossConfig
 from posttrain.config.schema import PolicyConfig
 from posttrain.models.document_attention import resolve_training_attention, set_training_attention
-from posttrain.rollout.base import MultimodalPrompt
+from posttrain.rollout.base import MultimodalPrompt, image_inputs
 from posttrain.training.batching import micro_batches
 from posttrain.training.distributed import Distributed, LogprobModule, all_reduce_sum, decoder_layers, shard_policy
 from posttrain.training.offload import HostAdamW
@@ -83,13 +83,7 @@ class TrainBatch:
     def multimodal_inputs(self) -> dict[str, torch.Tensor]:
         """The rows' images for the model's forward, in row order (each row's placeholders take
         its own images in turn); empty when no row has one."""
-        present = [m for m in self.images if m is not None]
-        if not present:
-            return {}
-        return {
-            "pixel_values": torch.cat([m.pixel_values for m in present]),
-            "image_position_ids": torch.cat([m.image_position_ids for m in present]),
-        }
+        return image_inputs(self.images)
 
 
 def aligned_token_logprobs(
