@@ -342,7 +342,7 @@ def tokenizer(tiny_checkpoint):
 
 def test_builtin_templates_are_shipped_files_with_the_placeholder():
     templates = builtin_templates()
-    assert set(templates) == {"math_cot_boxed", "dapo_answer"}
+    assert set(templates) == {"math_cot_boxed", "dapo_answer", "geo3k_think_answer"}
     assert templates["dapo_answer"] == DAPO_PREFIX + "{prompt}" + DAPO_SUFFIX  # DAPO's exact instruction
     assert templates["math_cot_boxed"] == "{prompt}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 

@@ -344,7 +344,7 @@ class DataConfig(Section):
     prompt_template_file: str | None = Field(
         None,
         description=(
-            "The template from a file instead: a built-in name (math_cot_boxed, dapo_answer) or a path to a text file "
+            "The template from a file instead: a built-in name (math_cot_boxed, dapo_answer, geo3k_think_answer) or a path to a text file "
             "(containing '/' or ending in .txt, relative to the working directory). Excludes a prompt_template."
         ),
     )
