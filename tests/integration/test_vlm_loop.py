@@ -119,3 +119,16 @@ def test_groups_mixing_image_and_text_prompts_train_on_their_own_images(multimod
     with torch.no_grad():
         other_BT = aligned_token_logprobs(model, swapped, temperature=1.0)
     assert float((other_BT[mask] - logprobs_BT[mask]).abs().max()) > 1e-4
+
+
+def test_the_final_export_of_a_vision_run_carries_its_processor(tmp_path):
+    """The exported directory loads as a multimodal policy with a processor that prepares images
+    as the run's did."""
+    cfg = vlm_config(tmp_path / "run", "grpo.max_num_steps=1", "grpo.val_period=0", "grpo.val_at_end=false", "checkpointing.export_final=true")
+    run_grpo(cfg, console=Console(enabled=False))
+    exported = tmp_path / "run" / "final_model"
+    image = shape_count_samples(1, seed=5, max_count=3, image_sizes=[(36, 24)])[0].images[0]
+    ours = load_processor(exported).image_processor([image], return_tensors="pt")
+    theirs = load_processor(tmp_path / "run" / "init_model").image_processor([image], return_tensors="pt")
+    torch.testing.assert_close(ours["pixel_values"], theirs["pixel_values"], rtol=0, atol=0)
+    assert getattr(load_policy(exported).config, "vision_config", None) is not None

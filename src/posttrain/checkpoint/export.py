@@ -20,12 +20,12 @@ from typing import Literal
 
 import torch
 from safetensors.torch import load_model
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 from posttrain.checkpoint.store import MODEL_FILE, STEP_PREFIX, checkpoint_problem, latest_checkpoint
 from posttrain.config.loader import load_config
 from posttrain.config.schema import RecipeConfig
-from posttrain.models.loading import load_policy, load_tokenizer
+from posttrain.models.loading import load_policy, load_processor, load_tokenizer
 
 FINAL_MODEL_DIR = "final_model"  # under the run directory, written at the end of a run (checkpointing.export_final)
 RUN_CONFIG = "config.yaml"  # the resolved recipe every run writes into its directory
@@ -65,8 +65,10 @@ def export_hf(
     *,
     dtype: ExportDtype = "float32",
     overwrite: bool = False,
+    processor: ProcessorMixin | None = None,
 ) -> Path:
-    """Write `model` (left unchanged) and `tokenizer` to `out_dir` as a Hugging Face directory.
+    """Write `model` (left unchanged) and `tokenizer` to `out_dir` as a Hugging Face directory;
+    with a multimodal `processor`, its files too (what turns images into the model's inputs).
 
     `overwrite=False` refuses an `out_dir` that exists and is not empty; `True` replaces it (a
     run's own `final_model`, re-exported by a resumed run).
@@ -86,6 +88,8 @@ def export_hf(
         config.dtype = dtype
         config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if processor is not None:
+        processor.save_pretrained(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -130,4 +134,7 @@ def export_run(path: str | Path, out_dir: str | Path, *, dtype: ExportDtype = "f
     model = load_policy(model_dir, text_only=cfg.policy.text_only, trust_remote_code=trust)
     load_model(model, str(checkpoint / MODEL_FILE), strict=True)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust)
-    return checkpoint, export_hf(model, tokenizer, out_dir, dtype=dtype)
+    processor = None
+    if getattr(model.config, "vision_config", None) is not None:  # a multimodal policy keeps its processor
+        processor = load_processor(model_dir, trust_remote_code=trust)
+    return checkpoint, export_hf(model, tokenizer, out_dir, dtype=dtype, processor=processor)

@@ -302,6 +302,6 @@ def run_grpo(cfg: RecipeConfig, *, console: Console, distributed: Distributed | 
     console.stop_progress()
     if cfg.checkpointing.export_final:
         out = parts.log_dir / FINAL_MODEL_DIR  # this run's own: a resumed or re-run run replaces it
-        export_hf(parts.model, parts.tokenizer, out, dtype=cfg.checkpointing.export_dtype, overwrite=True)
+        export_hf(parts.model, parts.tokenizer, out, dtype=cfg.checkpointing.export_dtype, overwrite=True, processor=parts.processor)
         console.note(f"final weights exported to {out} (a Hugging Face directory)")
     return RunResult(log_dir=parts.log_dir, validation_accuracy=validation_accuracy)

@@ -7,6 +7,7 @@ import shutil
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -53,6 +54,7 @@ class RunParts:
     console: Console
     data_metrics: dict[str, float] = field(default_factory=dict)  # data/*: logged with the run's first record
     images: PromptImages | None = None  # the training prompts' images; None for text-only data
+    processor: Any = None  # the multimodal processor, for data with images (exported with the model)
     warm_start_losses: list[float] = field(default_factory=list)
 
     def run_warm_start(self) -> None:
@@ -249,6 +251,7 @@ def build_run(cfg: RecipeConfig, *, console: Console, distributed: Distributed |
         console=console,
         data_metrics=data_metrics,
         images=PromptImages(train) if with_images else None,
+        processor=processor,
     )
 
 
