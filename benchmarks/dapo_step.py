@@ -11,6 +11,7 @@ a random-init model's groups all score 0, so DAPO would discard every one of the
     python benchmarks/dapo_step.py --preset e2b
     torchrun --nproc-per-node 2 benchmarks/dapo_step.py --preset e2b --baseline results/one_gpu.json
     python benchmarks/dapo_step.py --preset e2b --trl      # and TRL's GRPOTrainer, same workload
+    python benchmarks/dapo_step.py --preset e4b --images --optimizer-offload   # a VLM GRPO step
 
 With --trl (one process), TRL's GRPOTrainer first runs the same workload in a child process of its
 own (`trl_grpo.py`; its peak memory is its own), then posttrain's; the result adds
@@ -35,37 +36,68 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
-from transformers import Gemma4ForCausalLM
+from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
 
 from posttrain.config import RecipeConfig, load_config
 from posttrain.data.arithmetic import arithmetic_samples
+from posttrain.data.shapes import shape_count_samples
 from posttrain.loops.grpo import run_grpo
 from posttrain.metrics.console import Console
 from posttrain.metrics.logger import read_metrics
 from posttrain.models.gemma4_presets import gemma4_preset_config, temper_random_init_attention
-from posttrain.models.tiny import END_OF_TURN, tiny_gemma4_config, train_tokenizer
+from posttrain.models.tiny import (
+    END_OF_TURN,
+    MULTIMODAL_TOKEN_IDS,
+    build_tiny_processor,
+    save_tiny_gemma4,
+    tiny_gemma4_config,
+    train_tokenizer,
+)
 from posttrain.training.distributed import barrier, init_distributed
 
 GIB = 2**30
+ARITHMETIC = {"type": "arithmetic", "operation": "max", "size": 2000, "seed": 0, "num_terms": 2, "max_value": 99}
+# --images: one image per prompt, two sizes; the presets' processor resizes each to <= 280 soft tokens
+SHAPES = {"type": "shapes", "size": 2000, "seed": 0, "max_count": 6, "image_sizes": [[48, 48], [72, 48]]}
+IMAGE_PROMPT_TOKENS = 360  # 280 soft tokens, their delimiters and the question
 PHASES = ("generation", "scoring", "training", "weight_refresh", "total_step")
 
 
-def build_checkpoint(preset: str, out_dir: Path, device: torch.device) -> None:
-    """A random-init preset (tempered attention, bf16 safetensors) with a locally trained tokenizer."""
+def build_checkpoint(preset: str, out_dir: Path, device: torch.device, *, images: bool = False) -> None:
+    """A random-init preset (tempered attention, bf16 safetensors) with a locally trained tokenizer;
+    with `images`, the multimodal model (vision and audio towers) and a Gemma 4 processor for its
+    vision tower (images resized to the preset's 280 soft tokens)."""
     corpus = [s.prompt + " " + str(s.ground_truth) for s in arithmetic_samples(2000, seed=0, operation="max")]
-    tokenizer = train_tokenizer(corpus, vocab_size=512)
+    corpus += [s.prompt + " " + s.ground_truth for s in shape_count_samples(200, seed=0)] if images else []
+    tokenizer = train_tokenizer(corpus, vocab_size=512, multimodal=images)
     eos_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+    if preset == "tiny" and images:
+        save_tiny_gemma4(out_dir, tokenizer, seed=0, variant="e_series", multimodal=True)
+        return
     if preset == "tiny":
         config = tiny_gemma4_config(len(tokenizer), variant="e_series", eos_token_ids=eos_ids)
     else:
-        config = gemma4_preset_config(preset, text_only=True)
-        config.eos_token_id, config.pad_token_id, config.bos_token_id = eos_ids, tokenizer.pad_token_id, tokenizer.bos_token_id
+        config = gemma4_preset_config(preset, text_only=not images)
+        text = config.get_text_config()
+        for target in {id(config): config, id(text): text}.values():
+            target.eos_token_id, target.pad_token_id, target.bos_token_id = eos_ids, tokenizer.pad_token_id, tokenizer.bos_token_id
+        if images:  # the locally trained tokenizer's placeholder ids
+            ids = MULTIMODAL_TOKEN_IDS
+            config.image_token_id, config.boi_token_id, config.eoi_token_id = ids["image_token"], ids["boi_token"], ids["eoi_token"]
+            config.video_token_id, config.audio_token_id, config.boa_token_id = ids["video_token"], ids["audio_token"], ids["boa_token"]
+            config.eoa_token_index = config.eoa_token_id = ids["eoa_token"]
     torch.manual_seed(0)
     with device:
-        model = Gemma4ForCausalLM(config)
+        model = (Gemma4ForConditionalGeneration if images else Gemma4ForCausalLM)(config)
     temper_random_init_attention(model)
     model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    if images:
+        vision = config.vision_config
+        processor = build_tiny_processor(
+            tokenizer, resize=True, patch_size=vision.patch_size, max_soft_tokens=config.vision_soft_tokens_per_image
+        )
+        processor.save_pretrained(out_dir)
 
 
 def recipe(checkpoint: Path, log_dir: Path, args, on_gpu: bool) -> dict:
@@ -75,11 +107,13 @@ def recipe(checkpoint: Path, log_dir: Path, args, on_gpu: bool) -> dict:
             "text_only": True,
             "precision": "bfloat16" if on_gpu else "float32",
             "activation_checkpointing": True,
-            "sequence_packing": True,
+            "sequence_packing": not args.images,  # packing is text-only
+            **({"text_only": False, "freeze_config": {"freeze_vision_tower": False, "freeze_audio_tower": True}} if args.images else {}),
             "compile": args.compile_train,
             "train_global_batch_size": args.prompts * args.generations,
             "train_micro_batch_size": args.micro_batch,
-            "max_total_sequence_length": 64 + args.new_tokens,
+            "max_total_sequence_length": (IMAGE_PROMPT_TOKENS if args.images else 64) + args.new_tokens,
+            "optimizer_offload": args.optimizer_offload,
             "optimizer": {"lr": 1e-6},
             "generation": {
                 "backend": args.backend,
@@ -89,9 +123,7 @@ def recipe(checkpoint: Path, log_dir: Path, args, on_gpu: bool) -> dict:
                 "stop_token_ids": [],  # every response is max_new_tokens long
             },
         },
-        "data": {
-            "train": {"type": "arithmetic", "operation": "max", "size": 2000, "seed": 0, "num_terms": 2, "max_value": 99},
-        },
+        "data": {"train": SHAPES if args.images else ARITHMETIC},
         "env": {"name": "math"},
         "grpo": {
             "num_prompts_per_step": args.prompts,
@@ -194,6 +226,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="policy.generation.compile (slow first step)")
     parser.add_argument("--compile-train", action="store_true", help="policy.compile: each decoder layer compiled for training")
     parser.add_argument("--baseline", type=Path, default=None, help="a one-process result to put beside this one")
+    parser.add_argument("--images", action="store_true", help="the multimodal preset on rendered images (a VLM GRPO step)")
+    parser.add_argument("--optimizer-offload", action="store_true", help="policy.optimizer_offload (E4B's fp32 AdamW state)")
     parser.add_argument("--trl", action="store_true", help="also TRL's GRPOTrainer on the same workload (one process)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -203,17 +237,20 @@ def main() -> None:
         parser.error("--trl compares one process with one process: run it without torchrun")
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    checkpoint = args.workdir / f"checkpoint-{args.preset}"
+    if args.trl and args.images:
+        parser.error("--trl compares text steps; run --images without it")
+    checkpoint = args.workdir / f"checkpoint-{args.preset}{'-images' if args.images else ''}"
     if distributed.is_main and not (checkpoint / "config.json").exists():
-        build_checkpoint(args.preset, checkpoint, device)
+        build_checkpoint(args.preset, checkpoint, device, images=args.images)
     barrier(distributed)
     trl = run_trl(checkpoint, args) if args.trl else None
     if on_gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
-    log_dir = args.workdir / f"run-{args.preset}-{distributed.world_size}proc"
-    recipe_path = args.workdir / f"recipe-{args.preset}-{distributed.world_size}proc.yaml"
+    name = f"{args.preset}{'-images' if args.images else ''}-{distributed.world_size}proc"
+    log_dir = args.workdir / f"run-{name}"
+    recipe_path = args.workdir / f"recipe-{name}.yaml"
     if distributed.is_main:
         recipe_path.write_text(yaml.safe_dump(recipe(checkpoint, log_dir, args, on_gpu), sort_keys=False))
     barrier(distributed)
@@ -230,6 +267,7 @@ def main() -> None:
     result = summarize(read_metrics(log_dir), distributed.world_size, peaks, args)
     result.update(
         preset=args.preset,
+        images=args.images,
         gpu=torch.cuda.get_device_name() if on_gpu else "cpu",
         torch=torch.__version__,
         command=(f"torchrun --nproc-per-node {distributed.world_size} " if distributed.enabled else "python ")
@@ -242,7 +280,7 @@ def main() -> None:
         result = {"this_run": result, "one_process": json.loads(args.baseline.read_text())}
     print(json.dumps(result, indent=1))
     gpu = result.get("gpu", result.get("this_run", {}).get("gpu", "cpu")).split()[-1].lower()
-    suffix = f"x{distributed.world_size}" if distributed.enabled else ""
+    suffix = (f"x{distributed.world_size}" if distributed.enabled else "") + ("-images" if args.images else "")
     out = args.out or Path(__file__).parent / "results" / f"dapo_step-{gpu}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -338,13 +338,21 @@ def tiny_gemma4_multimodal_config(text_config: Gemma4TextConfig, *, audio: bool 
     )
 
 
-def build_tiny_processor(tokenizer: PreTrainedTokenizerBase, *, resize: bool = False) -> ProcessorMixin:
+def build_tiny_processor(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    resize: bool = False,
+    patch_size: int = PATCH_SIZE,
+    max_soft_tokens: int = MAX_SOFT_TOKENS,
+) -> ProcessorMixin:
     """Gemma 4's processor for the tiny multimodal model, built offline (Pillow image processor).
 
     `tokenizer` must come from `train_tokenizer(multimodal=True)`; it is copied, because
     Gemma4Processor rewrites its tokenizer's extra special tokens. Without `resize`, an image's
     sides must be multiples of IMAGE_SIDE_MULTIPLE (12 px) and it gives (h/12)*(w/12) soft tokens;
-    with `resize`, any image is scaled to about MAX_SOFT_TOKENS (70) soft tokens, as released.
+    with `resize`, any image is scaled to about `max_soft_tokens` (70) soft tokens, as released.
+    `patch_size` / `max_soft_tokens`: a preset's vision tower instead (16 / 280 as released;
+    benchmarks/dapo_step.py --images).
     """
     # Imported here: on transformers 5.17 Gemma 4's image-processing module needs torchvision.
     from transformers import Gemma4ImageProcessorPil
@@ -356,8 +364,8 @@ def build_tiny_processor(tokenizer: PreTrainedTokenizerBase, *, resize: bool = F
     if missing:
         raise ValueError(f"the tokenizer has no {missing}; train it with train_tokenizer(..., multimodal=True)")
     image_processor = Gemma4ImageProcessorPil(
-        patch_size=PATCH_SIZE,
-        max_soft_tokens=MAX_SOFT_TOKENS,
+        patch_size=patch_size,
+        max_soft_tokens=max_soft_tokens,
         pooling_kernel_size=POOLING_KERNEL_SIZE,
         do_resize=resize,
     )
@@ -368,7 +376,7 @@ def build_tiny_processor(tokenizer: PreTrainedTokenizerBase, *, resize: bool = F
         tokenizer=tokenizer,
         video_processor=None,
         chat_template=tokenizer.chat_template,
-        image_seq_length=MAX_SOFT_TOKENS,
+        image_seq_length=max_soft_tokens,
     )
 
 
