@@ -49,3 +49,23 @@ def test_recipe_source_loads_and_bad_sizes_are_refused():
         shape_count_samples(2, seed=0, image_sizes=[(50, 48)])
     with pytest.raises(ValueError, match="at least max_count"):
         shape_count_samples(2, seed=0, max_count=5, image_sizes=[(24, 24)])
+
+
+def test_solid_style_draws_black_shapes_edge_to_edge():
+    samples = shape_count_samples(100, seed=3, max_count=3, image_sizes=[(36, 24)], style="solid")
+    for sample in samples:
+        image = sample.images[0]
+        assert occupied_cells(image) == int(sample.ground_truth)
+        colors = {color for _, color in image.getcolors()}
+        assert colors <= {(255, 255, 255), (0, 0, 0)}
+        # every filled cell reaches its bottom edge (squares and triangles) or its middle row's ends (circles)
+        pixels = image.load()
+        for top in range(0, 24, CELL):
+            for left in range(0, 36, CELL):
+                cell = [pixels[x, y] for x in range(left, left + CELL) for y in range(top, top + CELL)]
+                if (0, 0, 0) in cell:
+                    edge = [pixels[x, top + CELL - 1] for x in range(left, left + CELL)] + [pixels[left, top + CELL // 2]]
+                    assert (0, 0, 0) in edge
+    varied = shape_count_samples(100, seed=3, max_count=3, image_sizes=[(36, 24)])
+    assert [s.ground_truth for s in varied] == [s.ground_truth for s in samples]  # same draws, other paint
+    assert any(len(s.images[0].getcolors()) > 2 for s in varied)

@@ -263,6 +263,13 @@ class ShapesSource(Section):
         min_length=1,
         description="Image (width, height) in pixels, cycled through; multiples of 12 with at least max_count 12-px cells.",
     )
+    style: Literal["varied", "solid"] = Field(
+        "varied",
+        description=(
+            "varied: circles, squares and triangles in six colors, inset in their cells; solid: the same shapes in "
+            "black, edge to edge (a signal a tiny random-init vision tower learns to count quickly)."
+        ),
+    )
 
 
 class ReasoningGymSource(Section):

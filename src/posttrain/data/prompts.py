@@ -38,7 +38,12 @@ def load_samples(source: PromptSource, *, split: str, bad_rows: BadRows | None =
         )
     if isinstance(source, ShapesSource):
         return shape_count_samples(
-            source.size, seed=source.seed, max_count=source.max_count, image_sizes=source.image_sizes, split=split
+            source.size,
+            seed=source.seed,
+            max_count=source.max_count,
+            image_sizes=source.image_sizes,
+            split=split,
+            style=source.style,
         )
     if isinstance(source, ReasoningGymSource):
         return load_reasoning_gym(source.task, size=source.size, seed=source.seed, config=source.config)
