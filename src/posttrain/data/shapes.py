@@ -16,7 +16,6 @@ supervised steps, where the varied colors and inset shapes of "varied" stayed at
 from __future__ import annotations
 
 import random
-
 from typing import Literal
 
 from PIL import Image, ImageDraw
