@@ -170,8 +170,8 @@ def test_nan_steps_stop_the_run_and_the_last_checkpoint_resumes(tmp_path, monkey
     calls = []
     real = grpo_loop.to_train_batch
 
-    def poisoned(groups, cfg):
-        batch = real(groups, cfg)
+    def poisoned(groups, cfg, images=None):
+        batch = real(groups, cfg, images)
         calls.append(None)
         if len(calls) >= 3:
             batch.advantages_B = torch.full_like(batch.advantages_B, float("nan"))
