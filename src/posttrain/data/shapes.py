@@ -9,7 +9,7 @@ answers themselves repeat, as in any counting task.
 
 Style "solid" draws every shape black and edge to edge in its cell: one strong, uniform feature
 per filled cell. A tiny random-init vision tower learns to count those within a few hundred
-supervised steps, where the varied colors and inset shapes of "varied" stayed at chance for 700
+supervised steps, where the varied colors and inset shapes of "varied" stayed at chance for 400
 (soft tokens of empty and filled cells differ by ~4% of their norm at init).
 """
 
