@@ -53,6 +53,8 @@ def test_dapo_on_a_multimodal_checkpoint(multimodal_checkpoint, tmp_path, text_o
     original = {}
     for file in multimodal_checkpoint.glob("*.safetensors"):
         original |= load_file(file)
+    # the final export is a complete Hugging Face directory: a multimodal policy's processor beside it
+    assert (tmp_path / "final_model" / "processor_config.json").is_file() is not text_only
     if text_only:  # only the language model was loaded and trained
         assert not any("tower" in k for k in saved)
         assert not torch.equal(saved["model.layers.0.mlp.up_proj.weight"], original["model.language_model.layers.0.mlp.up_proj.weight"])

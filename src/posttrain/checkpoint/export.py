@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixi
 from posttrain.checkpoint.store import MODEL_FILE, STEP_PREFIX, checkpoint_problem, latest_checkpoint
 from posttrain.config.loader import load_config
 from posttrain.config.schema import RecipeConfig
-from posttrain.models.loading import load_policy, load_processor, load_tokenizer
+from posttrain.models.loading import has_vision_tower, load_policy, load_processor, load_tokenizer
 
 FINAL_MODEL_DIR = "final_model"  # under the run directory, written at the end of a run (checkpointing.export_final)
 RUN_CONFIG = "config.yaml"  # the resolved recipe every run writes into its directory
@@ -134,7 +134,6 @@ def export_run(path: str | Path, out_dir: str | Path, *, dtype: ExportDtype = "f
     model = load_policy(model_dir, text_only=cfg.policy.text_only, trust_remote_code=trust)
     load_model(model, str(checkpoint / MODEL_FILE), strict=True)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust)
-    processor = None
-    if getattr(model.config, "vision_config", None) is not None:  # a multimodal policy keeps its processor
-        processor = load_processor(model_dir, trust_remote_code=trust)
+    # a multimodal policy keeps its processor, as the run's own final export does (loops/setup.py)
+    processor = load_processor(model_dir, trust_remote_code=trust) if has_vision_tower(model) else None
     return checkpoint, export_hf(model, tokenizer, out_dir, dtype=dtype, processor=processor)

@@ -24,7 +24,7 @@ from posttrain.loops.warm_start import warm_start
 from posttrain.metrics.console import Console
 from posttrain.models.activation_checkpointing import enable_activation_checkpointing
 from posttrain.models.freezing import apply_freeze_config
-from posttrain.models.loading import load_policy, load_processor, load_tokenizer, stop_token_ids
+from posttrain.models.loading import has_vision_tower, load_policy, load_processor, load_tokenizer, stop_token_ids
 from posttrain.models.tiny import END_OF_TURN, save_tiny_gemma4, train_tokenizer
 from posttrain.rollout.base import RolloutEngine, SamplingParams
 from posttrain.rollout.continuous_engine import ContinuousBatchingEngine
@@ -54,7 +54,7 @@ class RunParts:
     console: Console
     data_metrics: dict[str, float] = field(default_factory=dict)  # data/*: logged with the run's first record
     images: PromptImages | None = None  # the training prompts' images; None for text-only data
-    processor: Any = None  # the multimodal processor, for data with images (exported with the model)
+    processor: Any = None  # a multimodal policy's processor (prepares images; exported with the model)
     warm_start_losses: list[float] = field(default_factory=list)
 
     def run_warm_start(self) -> None:
@@ -221,11 +221,11 @@ def build_run(cfg: RecipeConfig, *, console: Console, distributed: Distributed |
         enable_activation_checkpointing(model)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust)
     with_images = any(s.images for s in (*data.train, *data.validation))
-    processor = None
     if with_images:
         check_image_recipe(cfg, model)
-        processor = load_processor(model_dir, trust_remote_code=trust)
-    train, val, data_metrics = tokenize_data(cfg, data, tokenizer, console, processor)
+    # a multimodal policy's processor: it prepares the images, and the final export carries it
+    processor = load_processor(model_dir, trust_remote_code=trust) if has_vision_tower(model) else None
+    train, val, data_metrics = tokenize_data(cfg, data, tokenizer, console, processor if with_images else None)
 
     engine = build_engine(cfg, model, tokenizer, device, images=with_images)
     gen = cfg.policy.generation
@@ -257,7 +257,7 @@ def build_run(cfg: RecipeConfig, *, console: Console, distributed: Distributed |
 
 def check_image_recipe(cfg: RecipeConfig, model: torch.nn.Module) -> None:
     """Data with images needs a model that sees them and padded rows (packing is text-only)."""
-    if getattr(model.config, "vision_config", None) is None:
+    if not has_vision_tower(model):
         hint = (
             "set policy.text_only: false" if cfg.policy.text_only else "use a multimodal checkpoint (or tiny_model.multimodal: true)"
         )

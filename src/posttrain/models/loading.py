@@ -175,6 +175,11 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreT
     return tokenizer
 
 
+def has_vision_tower(model: torch.nn.Module) -> bool:
+    """The policy was loaded with a vision tower (a multimodal checkpoint, not text-only)."""
+    return getattr(model.config, "vision_config", None) is not None
+
+
 def load_processor(path: str | Path, *, trust_remote_code: bool = False) -> ProcessorMixin:
     """The multimodal processor saved with a checkpoint (images -> pixel values + placeholder tokens)."""
     path = Path(path)

@@ -121,8 +121,10 @@ class PolicyTrainer:
         `distributed` (torchrun, world size > 1): the model is sharded with FSDP2 here, each rank
         trains on its own rows, and the loss is normalized by the token count over all ranks."""
         assert_fp32_master_weights(model)
-        self.compute_device = next(model.parameters()).device  # parameter offload moves the shards to the host
-        self.attention = resolve_training_attention(policy.attention, model, self.compute_device)
+        # Where batches go and the model computes: the parameters' device now (parameter offload
+        # later moves the shards to the host).
+        self.device = next(model.parameters()).device
+        self.attention = resolve_training_attention(policy.attention, model, self.device)
         for module in (model, reference_model):
             if module is not None:
                 set_training_attention(module, self.attention)
@@ -194,16 +196,10 @@ class PolicyTrainer:
             group.update(wanted, lr=opt.lr * multiplier, initial_lr=opt.lr)
         return sorted(changed)
 
-    @property
-    def device(self) -> torch.device:
-        """Where batches go and the model computes (the parameters' home unless offloaded)."""
-        return self.compute_device
-
     def autocast(self):
         if self.policy.precision == "float32":
             return nullcontext()
-        device_type = self.compute_device.type
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     @torch.no_grad()
     def logprobs(self, batch: TrainBatch, temperature: float) -> torch.Tensor:
