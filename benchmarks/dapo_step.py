@@ -20,7 +20,7 @@ own (`trl_grpo.py`; its peak memory is its own), then posttrain's; the result ad
 
 Writes benchmarks/results/dapo_step-<gpu>[x<N>].json (rank 0): per-step phase seconds, steady-state
 means (the first step, which captures CUDA graphs and warms kernels, excluded), tokens/s per GPU and
-peak memory per GPU; --baseline puts a one-process result beside it. `--preset tiny` is a CPU
+peak memory (rank 0's; ranks are alike); --baseline puts a one-process result beside it. `--preset tiny` is a CPU
 smoke run.
 """
 
@@ -33,7 +33,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
@@ -151,8 +150,13 @@ def recipe(checkpoint: Path, log_dir: Path, args, on_gpu: bool) -> dict:
     }
 
 
-def summarize(records: list[dict], world_size: int, peaks_gib: list[float], args) -> dict:
+def summarize(records: list[dict], world_size: int, args) -> dict:
+    """Rank 0's view (ranks are alike): the loop logs each phase's peak memory (step 1's generation
+    peak also covers loading and the engine's copy)."""
     steps = [r for r in records if "timing/total_step" in r]
+    phase_peaks = {
+        phase: [r.get(f"memory/{phase}_peak_gib", 0.0) for r in steps] for phase in ("generation", "training", "weight_refresh")
+    }
     phases = {phase: [r.get(f"timing/{phase}", 0.0) for r in steps] for phase in PHASES}
     steady = {phase: statistics.mean(values[1:] or values) for phase, values in phases.items()}
     generated = [r["train/num_generated_samples"] * r["train/mean_gen_tokens_per_sample"] for r in steps]
@@ -165,7 +169,9 @@ def summarize(records: list[dict], world_size: int, peaks_gib: list[float], args
         "generated_tokens_per_step": statistics.mean(generated),
         "generated_tok_per_s_per_gpu": statistics.mean(generated) / steady["generation"] / world_size,
         "step_tok_per_s_per_gpu": statistics.mean(generated) / steady["total_step"] / world_size,
-        "peak_gib_per_gpu": peaks_gib,
+        "peak_gib": max(max(values) for values in phase_peaks.values()),
+        "phase_peak_gib_per_step": phase_peaks,
+        "reserved_gib_after_step": [r.get("memory/weight_refresh_reserved_gib", 0.0) for r in steps],
         "token_mult_prob_error": [r.get("train/token_mult_prob_error") for r in steps],
     }
 
@@ -206,7 +212,7 @@ def comparison(posttrain: dict, trl: dict) -> dict:
             "training": phases["training"],
             "weight_refresh": phases["weight_refresh"],
         },
-        "posttrain_peak_gib": posttrain["peak_gib_per_gpu"][0],
+        "posttrain_peak_gib": posttrain["peak_gib"],
         "trl_peak_gib": trl["peak_gib"],
         "trl_version": trl["trl_version"],
         "trl_first_step_seconds": trl["step_seconds"][0],
@@ -257,14 +263,9 @@ def main() -> None:
     cfg = load_config(recipe_path, RecipeConfig)
     run_grpo(cfg, console=Console(enabled=False), distributed=distributed)
 
-    peak = torch.cuda.max_memory_allocated() / GIB if on_gpu else 0.0
-    peaks = [peak]
-    if distributed.enabled:
-        peaks = [None] * distributed.world_size
-        dist.all_gather_object(peaks, peak)
     if not distributed.is_main:
         return
-    result = summarize(read_metrics(log_dir), distributed.world_size, peaks, args)
+    result = summarize(read_metrics(log_dir), distributed.world_size, args)
     result.update(
         preset=args.preset,
         images=args.images,

@@ -179,6 +179,16 @@ def save(parts: RunParts, trainer: PolicyTrainer, buffer: DynamicSamplingBuffer,
     )
 
 
+def phase_peak_gib(device: torch.device) -> dict[str, float]:
+    """CUDA memory since the previous call: the peak of allocated tensors, and what the caching
+    allocator holds now (GiB); resets the peak. Empty off CUDA."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return {"peak": peak, "reserved": torch.cuda.memory_reserved(device) / 2**30}
+
+
 def check_nonfinite_streak(consecutive: int, limit: int, *, step: int, checkpoint_dir: Path) -> None:
     """Raise `NonFiniteTrainingError` once `limit` optimizer steps in a row were skipped. Skipped
     steps never change the weights, so every checkpoint on disk holds finite, usable ones."""
@@ -267,6 +277,8 @@ def run_grpo(cfg: RecipeConfig, *, console: Console, distributed: Distributed | 
             step_start = time.perf_counter()
             kept, metrics = collect_step_groups(parts, cfg, buffer, step, distributed)
             metrics.update(parts.env.pop_metrics())  # this rank's scoring (rank 0's is logged)
+            # step 1's generation peak also covers the setup (loading, warm start, the engine's copy)
+            memory = {"generation": phase_peak_gib(trainer.device)}
 
             train_start = time.perf_counter()
             batch = to_train_batch(kept, cfg, parts.images)
@@ -275,11 +287,14 @@ def run_grpo(cfg: RecipeConfig, *, console: Console, distributed: Distributed | 
             train_metrics = trainer.train(batch, temperature=parts.sampling_params.temperature)
             metrics.update({f"train/{key}": value for key, value in train_metrics.items()})
             metrics["timing/training"] = time.perf_counter() - train_start
+            memory["training"] = phase_peak_gib(trainer.device)
 
             refresh_start = time.perf_counter()
             parts.engine.refresh_weights(parts.model.named_parameters())
             metrics["timing/weight_refresh"] = time.perf_counter() - refresh_start
             metrics["timing/total_step"] = time.perf_counter() - step_start
+            memory["weight_refresh"] = phase_peak_gib(trainer.device)
+            metrics.update({f"memory/{phase}_{kind}_gib": v for phase, m in memory.items() for kind, v in m.items()})
 
             is_last = step == grpo.max_num_steps
             if parts.val_prompts and ((grpo.val_period and step % grpo.val_period == 0) or (is_last and grpo.val_at_end)):
