@@ -163,6 +163,12 @@ def test_bfloat16_autocast_layout_and_tied_head_refresh():
     assert own.model.layers[0].input_layernorm.weight.dtype == torch.float32
     assert own.lm_head.weight.dtype == torch.bfloat16
     assert own.lm_head.weight.data_ptr() != own.model.embed_tokens.weight.data_ptr()
+    # fp32 tensors are the trainer's own (not held twice), matmul weights are copies; the trainer
+    # keeps training all of them
+    shared = lambda name: own.get_parameter(name).data_ptr() == model.get_parameter(name).data_ptr()  # noqa: E731
+    assert shared("model.embed_tokens_per_layer.weight") and shared("model.layers.0.input_layernorm.weight")
+    assert not shared("model.layers.0.mlp.gate_proj.weight")
+    assert all(p.requires_grad for p in model.parameters())
     # the trainer's tied embedding (named once) refreshes both the engine's embedding and its head
     with torch.no_grad():
         model.model.embed_tokens.weight.add_(1.0)
@@ -174,6 +180,24 @@ def test_bfloat16_autocast_layout_and_tied_head_refresh():
     assert torch.equal(own.model.layers[0].mlp.gate_proj.weight, model.model.layers[0].mlp.gate_proj.weight.bfloat16())
     # the trainer's model is untouched: its attention is still transformers' own
     assert model.config._attn_implementation != engine.model.config._attn_implementation
+
+
+def test_a_float32_engine_shares_every_weight_and_follows_an_optimizer_step():
+    torch.manual_seed(0)
+    model = Gemma4ForCausalLM(tiny_gemma4_config(300, variant="e_series"))
+    engine = ContinuousBatchingEngine(model, pad_token_id=0, precision="float32", max_batch_size=4)
+    trainer_ptrs = {p.data_ptr() for p in model.parameters()}
+    assert {p.data_ptr() for p in engine.model.parameters()} == trainer_ptrs
+    params = SamplingParams(temperature=TEMPERATURE, max_new_tokens=12, seed=0)
+    before = engine.generate(LONG_PROMPTS[:3], params)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.tensor([LONG_PROMPTS[2]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    engine.refresh_weights(model.named_parameters())  # nothing left to copy
+    after = engine.generate(LONG_PROMPTS[:3], params)
+    assert [r.logprobs for r in after] != [r.logprobs for r in before]
+    _assert_parity(model.eval(), after)
 
 
 def test_bfloat16_autocast_engine_matches_the_autocast_trainer_within_bf16_noise():

@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -56,8 +56,15 @@ def key_length_bucket(longest_position: int, max_len: int) -> int:
 
 
 def generation_copy(model: torch.nn.Module, drop_modules: tuple[str, ...], precision: Precision) -> torch.nn.Module:
-    """A deep copy of `model` without `drop_modules` (dotted paths), cast for `precision`, with a
-    lm_head of its own (tied embeddings stay fp32 under bfloat16_autocast, the head is bf16)."""
+    """A copy of `model` without `drop_modules` (dotted paths), cast for `precision`, with a
+    lm_head of its own (tied embeddings stay fp32 under bfloat16_autocast, the head is bf16).
+
+    Parameters the engine keeps in the trainer's own dtype (float32 everywhere; under
+    bfloat16_autocast the embeddings, norms and scales) are the trainer's tensors themselves, not
+    copies: the optimizer updates them in place, so the engine always sees the current weights
+    and `refresh_weights` skips them. For Gemma 4 E2B that is 11 GB of fp32 embedding tables not
+    held twice. A refresh from other tensors (FSDP2's shards, another model) gives the engine
+    storage of its own for them first: it never writes into the trainer's."""
     detached = {}
     for path in drop_modules:
         parent_path, _, name = path.rpartition(".")
@@ -65,21 +72,29 @@ def generation_copy(model: torch.nn.Module, drop_modules: tuple[str, ...], preci
         if getattr(parent, name, None) is not None:
             detached[path] = (parent, name, getattr(parent, name))
             setattr(parent, name, None)
+    # deepcopy's memo maps each parameter to what the copy holds: the same object (shared) or a cast copy
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for parameter in module.parameters(recurse=False):
+            if id(parameter) in memo:
+                continue
+            cast = precision == "bfloat16" or (
+                precision == "bfloat16_autocast" and (isinstance(module, torch.nn.Linear) or parameter.dim() == 3)
+            )  # Linear and MoE expert weights
+            # detach(): the trainer's storage under a parameter object of the engine's own
+            shared_or_cast = parameter.detach().to(torch.bfloat16) if cast else parameter.detach()
+            memo[id(parameter)] = torch.nn.Parameter(shared_or_cast, requires_grad=False)
     try:
-        engine_model = copy.deepcopy(model)
+        engine_model = copy.deepcopy(model, memo)
     finally:
         for parent, name, module in detached.values():
             setattr(parent, name, module)
-    engine_model.requires_grad_(False).eval()
+    engine_model.eval()
     if precision == "bfloat16":
-        return engine_model.to(torch.bfloat16)
+        return engine_model.to(torch.bfloat16)  # and the floating buffers, as before
     head = engine_model.get_output_embeddings()
-    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # untie
-    if precision == "bfloat16_autocast":
-        for module in engine_model.modules():
-            for parameter in module.parameters(recurse=False):
-                if isinstance(module, torch.nn.Linear) or parameter.dim() == 3:  # Linear and MoE expert weights
-                    parameter.data = parameter.data.to(torch.bfloat16)
+    if precision != "float32" and head.weight.dtype != torch.bfloat16:  # tied to the shared fp32 embedding: untie
+        head.weight = torch.nn.Parameter(head.weight.detach().to(torch.bfloat16), requires_grad=False)
     return engine_model
 
 
@@ -137,6 +152,9 @@ class ContinuousBatchingEngine:
         drop = tuple(p.rstrip(".") for tower in dropped_towers for p in family.towers.get(tower, ()))
         self.model = generation_copy(model, drop, precision) if copy_weights else model
         self._targets = refresh_targets(model, self.model) if copy_weights else {}
+        # the trainer's own tensors (see generation_copy), until a refresh from other tensors
+        trainer_storage = {p.data_ptr() for p in model.parameters()}
+        self._shared = {id(p) for p in self.model.parameters() if p.data_ptr() in trainer_storage} if copy_weights else set()
         use_slot_attention(self.model)
         self.stack: DecoderStack = decoder_stack(self.model)
         self.autocast = precision == "bfloat16_autocast"
@@ -176,7 +194,17 @@ class ContinuousBatchingEngine:
             if targets and hasattr(tensor, "full_tensor"):  # an FSDP2 shard: gather it in the engine's dtype
                 tensor = tensor.to(targets[0].dtype).full_tensor()
             for target in targets:
-                target.copy_(tensor, non_blocking=True)
+                if target.data_ptr() == tensor.data_ptr():  # shared with the trainer: already current
+                    continue
+                if id(target) in self._shared:
+                    # The trainer's tensor, refreshed from another one (FSDP2 shards, another model):
+                    # the engine takes storage of its own rather than write into the trainer's.
+                    target.data = tensor.detach().to(device=target.device, dtype=target.dtype, copy=True)
+                    self._shared.discard(id(target))
+                    self._graphs.clear()  # captured graphs read the old storage
+                    self._graph_pool = None
+                else:
+                    target.copy_(tensor, non_blocking=True)
 
     # ----- state -----
 

@@ -31,6 +31,7 @@ from posttrain.models.document_attention import resolve_training_attention, set_
 from posttrain.rollout.base import MultimodalPrompt, image_inputs
 from posttrain.training.batching import micro_batches
 from posttrain.training.distributed import Distributed, LogprobModule, all_reduce_sum, decoder_layers, shard_policy
+from posttrain.training.embedding_grads import sparse_backward, untied_embedding_tables, zero_dense_grads
 from posttrain.training.offload import HostAdamW
 
 
@@ -152,6 +153,8 @@ class PolicyTrainer:
         if loss.reference_policy_kl_penalty > 0 and reference_model is None:
             raise ValueError("loss_fn.reference_policy_kl_penalty > 0 needs a reference model")
         self.model = model
+        # one process: embedding gradients accumulate in place over micro-batches (embedding_grads.py)
+        self.embedding_tables = [] if self.distributed.enabled else untied_embedding_tables(model)
         self.reference_model = reference_model if loss.reference_policy_kl_penalty > 0 else None
         self.policy = policy
         self.loss_cfg = loss
@@ -255,9 +258,10 @@ class PolicyTrainer:
         finite = True  # every micro-batch's loss so far
         lp_old_pieces = []
         packed = self.policy.sequence_packing
+        zero_dense_grads(self.embedding_tables)
         for start, stop in self._micro_batches(batch, self.policy.train_micro_batch_size):
             rows = batch.rows(start, stop).to(self.device)
-            with self.autocast():
+            with self.autocast(), sparse_backward(self.embedding_tables):
                 logprobs_BT = self.logprob_module(
                     rows.input_ids_BT, rows.attention_mask_BT, temperature, packed, **rows.multimodal_inputs()
                 )
