@@ -256,3 +256,25 @@ def test_bad_requests_fail_clearly():
     with pytest.raises(ValueError, match="decode_text"):
         engine.generate([[2, 3]], SamplingParams(stop_strings=("x",)))
     assert engine.generate([], SamplingParams()) == []
+
+
+def test_released_weights_come_back_with_the_refresh():
+    torch.manual_seed(0)
+    model = Gemma4ForCausalLM(tiny_gemma4_config(300, variant="e_series"))
+    engine = ContinuousBatchingEngine(model, pad_token_id=0, precision="bfloat16_autocast", max_batch_size=4)
+    params = SamplingParams(temperature=TEMPERATURE, max_new_tokens=12, seed=0)
+    before = engine.generate(LONG_PROMPTS[:3], params)
+    shared = engine.model.model.embed_tokens_per_layer.weight
+    engine.release_weights()
+    # the bf16 copies are gone, the trainer's shared fp32 tensors stay
+    assert engine.model.model.layers[0].mlp.gate_proj.weight.numel() == 0
+    assert engine.model.lm_head.weight.numel() == 0
+    assert shared.numel() > 0 and shared.data_ptr() == model.model.embed_tokens_per_layer.weight.data_ptr()
+    with pytest.raises(RuntimeError, match="refresh_weights first"):
+        engine.generate(LONG_PROMPTS[:3], params)
+    engine.refresh_weights(model.named_parameters())
+    gate = engine.model.model.layers[0].mlp.gate_proj.weight
+    assert torch.equal(gate, model.model.layers[0].mlp.gate_proj.weight.bfloat16())
+    assert gate.data_ptr() % 128 == 0
+    after = engine.generate(LONG_PROMPTS[:3], params)
+    assert [r.logprobs for r in after] == [r.logprobs for r in before]

@@ -1,7 +1,6 @@
-"""Document attention computed on CPU against transformers' SDPA on padded rows: per-document
-SDPA and blocked GEMMs (values and gradients), and the flex variant run eagerly without gradients
-(flex has no CPU backward; tests/gpu covers gradients). Tiny Gemma 4 models: windows of 8 exceeded, KV-shared
-layers, MoE."""
+"""Document attention computed on CPU against transformers' SDPA on padded rows: SDPA and blocked
+GEMMs on groups of padded documents (values and gradients). Tiny Gemma 4 models: windows of 8
+exceeded, KV-shared layers, MoE; documents of different lengths batched together."""
 
 from __future__ import annotations
 
@@ -14,6 +13,7 @@ from posttrain.config.schema import OptimizerConfig, PolicyConfig
 from posttrain.models import document_attention
 from posttrain.models.document_attention import (
     DOCUMENT_SDPA,
+    document_groups,
     document_ids,
     document_segments,
     resolve_training_attention,
@@ -47,6 +47,21 @@ def test_documents_from_positions_and_padding():
     doc = document_ids(positions, padding)
     assert doc.tolist() == [[2, 2, 2, 3, 3, 4], [0, 0, 4, 4, 4, 0]]
     assert document_segments(doc) == [[(0, 3), (3, 5), (5, 6)], [(0, 2), (2, 5), (5, 6)]]
+
+
+def test_documents_batch_in_groups_of_similar_length_without_the_padding():
+    # row 0: documents of 6, 5 and 1 tokens; row 1: padding, a document of 4, padding
+    doc = torch.tensor([[2] * 6 + [3] * 5 + [4], [0, 0] + [5] * 4 + [0] * 6])
+    groups = document_groups(doc, max_group_tokens=100, max_padding=1.25)
+    # longest first: 6, 5 and 4 pad to 18 tokens <= 1.25 x 15; adding the 1 would pad 16 to 24
+    assert [g.index_DL.tolist() for g in groups] == [
+        [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 6], [14, 15, 16, 17, 14, 14]],
+        [[11]],
+    ]
+    assert groups[0].valid_DL.sum(dim=1).tolist() == [6, 5, 4]
+    # at most 12 padded tokens per group
+    groups = document_groups(doc, max_group_tokens=12, max_padding=1.25)
+    assert [g.valid_DL.sum(dim=1).tolist() for g in groups] == [[6, 5], [4], [1]]
 
 
 def _grads(model):

@@ -6,8 +6,11 @@ for eight 4k-token documents packed into one row, and far more on Gemma 4's 512-
 layers (`benchmarks/attention_kernels.py`: 0.6-2.3 TFLOP/s useful on those shapes). Here:
 
 - Documents come from the positions: a position 0 starts a document (packed rows restart their
-  positions per sequence). Padding tokens form a document of their own, whichever side they are.
-- `document` (DOCUMENT_SDPA): each document runs on its own slice, in causal mode. Heads up to
+  positions per sequence). Padding tokens, whichever side they are, are left out: their outputs are
+  zeros.
+- `document` (DOCUMENT_SDPA): documents of similar length are gathered into padded batches (one
+  kernel call per batch and layer: a Python loop per document cost ~1 s of launches per E2B
+  DAPO step of 64 short responses), in causal mode. Heads up to
   WIDE_HEAD_DIM wide run SDPA (flash attention or cuDNN on CUDA); where a sliding window cuts in,
   on blocks of window-many queries against the keys each can see. Wider heads (Gemma 4's 512-wide
   global layers: beyond flash attention's and cuDNN's head-size limit, flex attention's tiles do
@@ -25,6 +28,8 @@ not expressed here, so multimodal models stay on SDPA (`resolve_training_attenti
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -35,6 +40,10 @@ from posttrain.models.blocked_attention import blocked_causal_attention
 DOCUMENT_SDPA = "posttrain_document_sdpa"
 DOCUMENT_IMPLEMENTATIONS = {"document": DOCUMENT_SDPA}
 WIDE_HEAD_DIM = 256  # wider heads run blocked GEMMs: the fused kernels' limit
+# Documents batch in groups (one kernel call per group and layer, not per document): at most this
+# many padded tokens, and padding of at most this times the real tokens
+MAX_GROUP_TOKENS = 16384
+MAX_PADDING = 1.25
 
 
 def document_ids(position_ids_BT: torch.Tensor, padding_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,26 +107,82 @@ def _windowed_sdpa(q, k, v, window: int, scaling) -> torch.Tensor:
     return torch.cat(pieces, dim=2)
 
 
-def _per_document(query, key, value, segments, attend) -> torch.Tensor:
-    """[B, H, T, D] from `attend(q, k, v)` on each document's [1, heads, length, D] slices."""
-    rows = []
-    for b, row_segments in enumerate(segments):
-        pieces = [attend(*(t[b : b + 1, :, start:stop].contiguous() for t in (query, key, value))) for start, stop in row_segments]
-        rows.append(torch.cat(pieces, dim=2))
-    return torch.cat(rows, dim=0)
+@dataclass
+class DocumentGroup:
+    """Documents of similar length run as one batch: `index_DL` holds each document's token
+    positions in the flattened [B*T] tokens, right-padded (with its first position) to the group's
+    longest; `valid_DL` marks the real ones. In causal attention a real query never sees the
+    padding keys after it, so padded documents need no mask of their own."""
+
+    index_DL: torch.Tensor
+    valid_DL: torch.Tensor
+
+
+def document_groups(
+    doc_BT: torch.Tensor, *, max_group_tokens: int = MAX_GROUP_TOKENS, max_padding: float = MAX_PADDING
+) -> list[DocumentGroup]:
+    """The real documents (padding, document 0, is left out: its outputs are zeros) of a
+    micro-batch, longest first, in groups of at most `max_group_tokens` padded tokens and at most
+    `max_padding` x their real tokens (a longer document is a group of its own)."""
+    length = doc_BT.shape[1]
+    docs = []  # (length, first flat position)
+    for b, (row_ids, row_segments) in enumerate(zip(doc_BT.tolist(), document_segments(doc_BT), strict=True)):
+        docs += [(stop - start, b * length + start) for start, stop in row_segments if row_ids[start] != 0]
+    docs.sort(key=lambda doc: -doc[0])
+    groups, start = [], 0
+    while start < len(docs):
+        longest, stop, real = docs[start][0], start + 1, docs[start][0]
+        while stop < len(docs) and (stop - start + 1) * longest <= min(max_group_tokens, max_padding * (real + docs[stop][0])):
+            real += docs[stop][0]
+            stop += 1
+        lengths_D = torch.tensor([n for n, _ in docs[start:stop]])
+        offsets_L = torch.arange(longest)
+        valid_DL = offsets_L[None, :] < lengths_D[:, None]
+        first_D = torch.tensor([first for _, first in docs[start:stop]])
+        index_DL = first_D[:, None] + torch.where(valid_DL, offsets_L[None, :], 0)
+        device = doc_BT.device
+        groups.append(DocumentGroup(index_DL.to(device, non_blocking=True), valid_DL.to(device, non_blocking=True)))
+        start = stop
+    return groups
+
+
+def _grouped_documents(query, key, value, groups: list[DocumentGroup], attend) -> torch.Tensor:
+    """[B, T, H, D] (zeros at padding tokens) from `attend(q, k, v)` on each group's [docs, heads,
+    longest, D] batch; query [B, H, T, D], key and value [B, KV, T, D]."""
+    batch, heads, length, dim = query.shape
+    flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value)]
+    positions, pieces = [], []
+    for group in groups:
+        q, k, v = (t[group.index_DL].transpose(1, 2) for t in flat)  # [docs, heads, longest, D]
+        out_DHLd = attend(q, k, v)
+        positions.append(group.index_DL[group.valid_DL])
+        pieces.append(out_DHLd.transpose(1, 2)[group.valid_DL])
+    output = query.new_zeros(batch * length, heads, dim, dtype=pieces[0].dtype if pieces else query.dtype)
+    if pieces:
+        output = output.index_put((torch.cat(positions),), torch.cat(pieces))
+    return output.view(batch, length, heads, dim)
 
 
 def _document_sdpa(q, k, v, window: int | None, scaling) -> torch.Tensor:
-    """One document: SDPA in causal mode, or blocks of window-many queries when a window cuts in."""
+    """A batch of documents [docs, heads, longest, D]: SDPA in causal mode, or blocks of
+    window-many queries when a window cuts in. The memory-efficient kernel takes no grouped KV
+    heads: they are repeated."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(groups, dim=1) if groups > 1 else t for t in (k, v))
     if window and q.shape[2] > window:
         return _windowed_sdpa(q, k, v, window, scaling)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
 
 
 def _document_blocked(q, k, v, window: int | None, scaling) -> torch.Tensor:
-    """One document as blocked GEMMs (grouped KV heads as they are)."""
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    return blocked_causal_attention(q[0], k[0], v[0], scale=scale, window=window)[None]
+    """A batch of documents as blocked GEMMs: documents x heads are the kernel's heads (document
+    d's query head h reads its KV head h // groups, which the flattening keeps)."""
+    docs, heads, longest, dim = q.shape
+    scale = scaling if scaling is not None else dim**-0.5
+    out = blocked_causal_attention(
+        q.reshape(docs * heads, longest, dim), k.reshape(-1, longest, dim), v.reshape(-1, longest, dim), scale=scale, window=window
+    )
+    return out.view(docs, heads, longest, dim)
 
 
 @torch.compiler.disable  # eager under policy.compile: the documents come from data (`tolist`); traced, every new packing would recompile the layer
@@ -145,20 +210,17 @@ def document_attention_forward(
         position_ids = torch.arange(length, device=query.device).expand(batch, length)
     padding_mask_BT = None if attention_mask is None else attention_mask[:, 0, 0, :]
     window = sliding_window or getattr(module, "sliding_window", None)
-    segments = _documents.get(position_ids, padding_mask_BT, "segments", document_segments)
+    groups = _documents.get(position_ids, padding_mask_BT, "groups", document_groups)
     if head_dim > WIDE_HEAD_DIM:
         # SDPA runs in the autocast dtype; so do the GEMMs (rotary embeddings leave q and k in the
         # fp32 of the residual stream, v in bf16: fp32 GEMMs here took ~0.5 s of an E2B step)
         device_type = query.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-        output = _per_document(query, key, value, segments, lambda q, k, v: _document_blocked(q, k, v, window, scaling))
+        output = _grouped_documents(query, key, value, groups, lambda q, k, v: _document_blocked(q, k, v, window, scaling))
     else:
-        groups = heads // key.shape[1]  # the memory-efficient kernel takes no grouped KV heads: expand (a view)
-        key = key[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, heads, length, head_dim)
-        value = value[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, heads, length, head_dim)
-        output = _per_document(query, key, value, segments, lambda q, k, v: _document_sdpa(q, k, v, window, scaling))
-    return output.transpose(1, 2).contiguous(), None
+        output = _grouped_documents(query, key, value, groups, lambda q, k, v: _document_sdpa(q, k, v, window, scaling))
+    return output, None
 
 
 def document_attention_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:

@@ -90,3 +90,8 @@ class RolloutEngine(Protocol):
     def refresh_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy the trainer's current weights in place."""
         ...
+
+    def release_weights(self) -> None:
+        """Free the memory of the weights the next `refresh_weights` overwrites anyway (while the
+        trainer needs it); generating before that refresh is an error. May do nothing."""
+        ...

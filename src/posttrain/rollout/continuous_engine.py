@@ -153,6 +153,8 @@ class ContinuousBatchingEngine:
         self.model = generation_copy(model, drop, precision) if copy_weights else model
         self._targets = refresh_targets(model, self.model) if copy_weights else {}
         # the trainer's own tensors (see generation_copy), until a refresh from other tensors
+        self._released: list[tuple[torch.nn.Parameter, torch.Size]] = []  # see release_weights
+        self._flat_ptrs: dict[torch.dtype, int] = {}
         trainer_storage = {p.data_ptr() for p in model.parameters()}
         self._shared = {id(p) for p in self.model.parameters() if p.data_ptr() in trainer_storage} if copy_weights else set()
         use_slot_attention(self.model)
@@ -189,6 +191,7 @@ class ContinuousBatchingEngine:
         names the engine does not hold (dropped towers) are skipped. FSDP2-sharded parameters are
         gathered (every rank calls this, in the same order), already cast, so the gather moves
         bf16 bytes for a bf16 engine."""
+        self._reacquire()
         for name, tensor in named_tensors:
             targets = self._targets.get(name, ())
             if targets and hasattr(tensor, "full_tensor"):  # an FSDP2 shard: gather it in the engine's dtype
@@ -205,6 +208,37 @@ class ContinuousBatchingEngine:
                     self._graph_pool = None
                 else:
                     target.copy_(tensor, non_blocking=True)
+
+    def release_weights(self) -> None:
+        """Free the engine's own weight copies (the bf16 matmul weights under bfloat16_autocast:
+        3.5 GiB for E2B) while the trainer runs; the next refresh allocates them again, as one
+        flat buffer per dtype. Captured graphs stay valid when that buffer comes back at the same
+        address (the trainer's allocations repeat step to step) and are recaptured otherwise.
+        Shared tensors (generation_copy) are the trainer's and stay."""
+        if self._released:
+            return
+        refreshed = {id(t) for targets in self._targets.values() for t in targets}
+        for parameter in self.model.parameters():
+            if id(parameter) in refreshed and id(parameter) not in self._shared:
+                self._released.append((parameter, parameter.shape))
+                parameter.data = parameter.data.new_empty(0)
+
+    def _reacquire(self) -> None:
+        by_dtype: dict[torch.dtype, list[tuple[torch.nn.Parameter, torch.Size]]] = {}
+        for parameter, shape in self._released:
+            by_dtype.setdefault(parameter.dtype, []).append((parameter, shape))
+        for dtype, members in by_dtype.items():
+            sizes = [-(-shape.numel() // 64) * 64 for _, shape in members]  # 128-byte aligned views
+            flat = torch.empty(sum(sizes), dtype=dtype, device=self.device)
+            offset = 0
+            for (parameter, shape), size in zip(members, sizes, strict=True):
+                parameter.data = flat[offset : offset + shape.numel()].view(shape)
+                offset += size
+            if self._flat_ptrs.get(dtype) != flat.data_ptr():
+                self._flat_ptrs[dtype] = flat.data_ptr()
+                self._graphs.clear()  # captured graphs read the old addresses
+                self._graph_pool = None
+        self._released = []
 
     # ----- state -----
 
@@ -344,6 +378,8 @@ class ContinuousBatchingEngine:
     ) -> list[Rollout]:
         """One response per prompt, in order. `multimodal[i]` holds prompt i's images (None: text only)."""
         check_request(prompts, params, multimodal, self.decode_text)
+        if self._released:
+            raise RuntimeError("the engine's weights were released for training: refresh_weights first")
         if not prompts:
             return []
         multimodal = multimodal or [None] * len(prompts)

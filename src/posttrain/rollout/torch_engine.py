@@ -65,6 +65,9 @@ class TorchRolloutEngine:
                 tensor = tensor.to(own[name].dtype).full_tensor()
             own[name].copy_(tensor)
 
+    def release_weights(self) -> None:
+        """Nothing: the correctness-first engine keeps its copy."""
+
     def generate(
         self,
         prompts: list[list[int]],

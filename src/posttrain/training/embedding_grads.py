@@ -21,18 +21,10 @@ from contextlib import contextmanager
 import torch
 
 
-def untied_embedding_tables(model: torch.nn.Module) -> list[torch.nn.Embedding]:
-    """The trainable embedding tables that no other module shares (a tied output head's gradient
-    is dense anyway)."""
-    users: dict[int, int] = {}
-    for module in model.modules():
-        for parameter in module.parameters(recurse=False):
-            users[id(parameter)] = users.get(id(parameter), 0) + 1
-    return [
-        module
-        for module in model.modules()
-        if isinstance(module, torch.nn.Embedding) and module.weight.requires_grad and users[id(module.weight)] == 1
-    ]
+def embedding_tables(model: torch.nn.Module) -> list[torch.nn.Embedding]:
+    """The trainable embedding tables (a table tied to the output head too: its lookup's gradient
+    then adds into the head's, still without a second dense table)."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.weight.requires_grad]
 
 
 def zero_dense_grads(tables: list[torch.nn.Embedding]) -> None:

@@ -31,7 +31,7 @@ from posttrain.models.document_attention import resolve_training_attention, set_
 from posttrain.rollout.base import MultimodalPrompt, image_inputs
 from posttrain.training.batching import micro_batches
 from posttrain.training.distributed import Distributed, LogprobModule, all_reduce_sum, decoder_layers, shard_policy
-from posttrain.training.embedding_grads import sparse_backward, untied_embedding_tables, zero_dense_grads
+from posttrain.training.embedding_grads import embedding_tables, sparse_backward, zero_dense_grads
 from posttrain.training.offload import HostAdamW
 
 
@@ -154,7 +154,7 @@ class PolicyTrainer:
             raise ValueError("loss_fn.reference_policy_kl_penalty > 0 needs a reference model")
         self.model = model
         # one process: embedding gradients accumulate in place over micro-batches (embedding_grads.py)
-        self.embedding_tables = [] if self.distributed.enabled else untied_embedding_tables(model)
+        self.embedding_tables = [] if self.distributed.enabled else embedding_tables(model)
         self.reference_model = reference_model if loss.reference_policy_kl_penalty > 0 else None
         self.policy = policy
         self.loss_cfg = loss
