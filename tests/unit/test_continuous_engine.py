@@ -275,6 +275,6 @@ def test_released_weights_come_back_with_the_refresh():
     engine.refresh_weights(model.named_parameters())
     gate = engine.model.model.layers[0].mlp.gate_proj.weight
     assert torch.equal(gate, model.model.layers[0].mlp.gate_proj.weight.bfloat16())
-    assert gate.data_ptr() % 128 == 0
+    assert gate.storage_offset() % 64 == 0  # a 128-byte aligned view of the flat buffer
     after = engine.generate(LONG_PROMPTS[:3], params)
     assert [r.logprobs for r in after] == [r.logprobs for r in before]

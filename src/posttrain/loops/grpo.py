@@ -281,7 +281,8 @@ def run_grpo(cfg: RecipeConfig, *, console: Console, distributed: Distributed | 
             memory = {"generation": phase_peak_gib(trainer.device)}
 
             train_start = time.perf_counter()
-            parts.engine.release_weights()  # its own weight copies are overwritten by the refresh below
+            if policy.generation.release_weights_during_training:
+                parts.engine.release_weights()  # its own weight copies are overwritten by the refresh below
             batch = to_train_batch(kept, cfg, parts.images)
             share = len(batch) // distributed.world_size  # each rank trains on its share of the samples
             batch = batch.rows(distributed.rank * share, (distributed.rank + 1) * share)

@@ -51,6 +51,9 @@ class SlotKVCache:
         dtype: torch.dtype,
     ):
         self.slots, self.max_len = slots, max_len
+        # decode rows are views of this: nothing allocated inside a graph capture outlives it (a
+        # tensor kept from a capture would pin that graph's memory pool after the graph is gone)
+        self._all_rows = torch.arange(slots, device=device)
         self.rings = [ring_size(spec.window, max_len) for spec in specs]
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
@@ -75,7 +78,7 @@ class SlotKVCache:
         """The next forward decodes one token for slots 0..rows-1, at positions_S, all below
         key_length: attention reads ring indices below min(key_length, ring) only."""
         self._prefill = None
-        self._decode_rows = torch.arange(rows, device=positions_S.device)
+        self._decode_rows = self._all_rows[:rows]
         self._decode_positions = positions_S
         self._key_length = key_length
 
