@@ -272,9 +272,14 @@ def test_released_weights_come_back_with_the_refresh():
     assert shared.numel() > 0 and shared.data_ptr() == model.model.embed_tokens_per_layer.weight.data_ptr()
     with pytest.raises(RuntimeError, match="refresh_weights first"):
         engine.generate(LONG_PROMPTS[:3], params)
+    with torch.no_grad():  # the trainer's step
+        for parameter in model.parameters():
+            parameter.mul_(1.5)
     engine.refresh_weights(model.named_parameters())
     gate = engine.model.model.layers[0].mlp.gate_proj.weight
     assert torch.equal(gate, model.model.layers[0].mlp.gate_proj.weight.bfloat16())
     assert gate.storage_offset() % 64 == 0  # a 128-byte aligned view of the flat buffer
     after = engine.generate(LONG_PROMPTS[:3], params)
-    assert [r.logprobs for r in after] == [r.logprobs for r in before]
+    fresh = ContinuousBatchingEngine(model, pad_token_id=0, precision="bfloat16_autocast", max_batch_size=4)
+    assert [r.logprobs for r in after] == [r.logprobs for r in fresh.generate(LONG_PROMPTS[:3], params)]
+    assert [r.logprobs for r in after] != [r.logprobs for r in before]

@@ -76,11 +76,12 @@ class GenerationConfig(Section):
     )
     max_batch_size: int = Field(256, ge=1, description="Sequences decoded together.")
     release_weights_during_training: bool = Field(
-        True,
+        False,
         description=(
             "continuous engine: free its own weight copies (bf16 matmul weights under bfloat16_autocast; 3.5 GiB "
             "for E2B) while the trainer runs, and allocate them again at the refresh, which overwrites them anyway. "
-            "Costs a CUDA-graph recapture when they come back at another address."
+            "Costs a CUDA-graph recapture when they come back at another address. Off by default: in its one "
+            "E2B measurement allocated memory grew 96 MiB per step (docs/benchmarks.md)."
         ),
     )
 
