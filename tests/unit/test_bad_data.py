@@ -206,7 +206,7 @@ class ScriptedEngine:
     def __init__(self, responses: list[list[int]]) -> None:
         self.responses = responses
 
-    def generate(self, prompts, params, multimodal=None):
+    def generate(self, prompts, params, multimodal=None, on_finished=None):  # never calls on_finished
         assert len(prompts) == len(self.responses)
         return [
             Rollout(prompt_token_ids=list(p), token_ids=r, logprobs=[-1.0] * len(r), finish_reason="stop")

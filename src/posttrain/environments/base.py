@@ -36,7 +36,13 @@ ScoreOne = Callable[[str, str, dict[str, Any]], float]
 
 @runtime_checkable
 class Environment(Protocol):
-    """Scores a batch of responses; keeps counters that the loop pops once per step."""
+    """Scores a batch of responses; keeps counters that the loop pops once per step.
+
+    An environment with a true `overlaps_generation` attribute is scored on a worker thread while
+    the rollout engine still decodes (loops/rollouts.py): it must use no GPU (the engine's CUDA
+    graph captures allow no other work on the device) and tolerate being called from another
+    thread than the one that built it. Without the attribute it is scored after generation.
+    """
 
     def score(
         self, prompts: list[str], responses: list[str], metadata: list[dict[str, Any]]

@@ -46,6 +46,8 @@ MatchMode = Literal["fullmatch", "search"]
 class FormatEnvironment:
     """Reward 1.0 if the response matches `pattern` (DOTALL), else 0.0."""
 
+    overlaps_generation = True  # a regular expression (see Environment)
+
     def __init__(self, pattern: str = THINK_ANSWER_PATTERN, *, match: MatchMode = "fullmatch") -> None:
         if match not in ("fullmatch", "search"):
             raise ValueError(f"match must be 'fullmatch' or 'search', got {match!r}")
@@ -75,6 +77,10 @@ def last_tagged(text: str, tag: str) -> str | None:
 
 class AnswerMathEnvironment:
     """Reward 1.0 if the last <tag>...</tag> holds an answer math-verify finds equal to the ground truth."""
+
+    @property
+    def overlaps_generation(self) -> bool:
+        return self.math.overlaps_generation
 
     def __init__(
         self,
@@ -146,6 +152,10 @@ class WeightedEnvironment:
                 raise
             self.components.append(Component(spec.label, spec.weight, environment))
         self._scored = 0
+
+    @property
+    def overlaps_generation(self) -> bool:
+        return all(getattr(c.environment, "overlaps_generation", False) for c in self.components)
 
     @staticmethod
     def check_options(components: list[dict[str, Any]]) -> None:

@@ -69,6 +69,11 @@ class MathEnvironment:
         alarm is cheaper (no worker restart). Setting it without workers is an error.
     """
 
+    @property
+    def overlaps_generation(self) -> bool:
+        """Scored on a worker thread during generation (Environment) unless it needs signal.alarm."""
+        return self._pool is not None or self.verifier != "math_verify" or self.timeout_s is None
+
     def __init__(
         self,
         verifier: Verifier = "math_verify",

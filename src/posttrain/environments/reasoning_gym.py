@@ -46,6 +46,8 @@ class ReasoningGymEnvironment:
         Setting it without workers is an error (in-process calls have no bound).
     """
 
+    overlaps_generation = True  # CPU verifiers (see Environment)
+
     def __init__(
         self,
         answer_format: AnswerFormat = "answer_tags",

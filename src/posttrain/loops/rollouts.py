@@ -15,7 +15,9 @@ dynamic sampling, its checkpointed carry-over and the gather over ranks.
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -43,6 +45,64 @@ class PromptImages:
         return tuple(None if i < 0 else self.table[i] for i in index_B.tolist())
 
 
+class GroupScorer:
+    """Scores each prompt's group as soon as its last response is final (the engine's
+    `on_finished`): on one worker thread while the engine decodes the rest, for an environment
+    that `overlaps_generation` (Environment), else all at the end. The worker takes every group
+    ready so far in one `score` call, so a verifier pool still sees large batches."""
+
+    def __init__(self, env: Environment, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], num_generations: int):
+        self.env, self.tokenizer, self.prompts, self.num_generations = env, tokenizer, prompts, num_generations
+        self.rollouts: list[Rollout | None] = [None] * len(prompts)
+        self.responses: list[str | None] = [None] * len(prompts)
+        self.rewards: list[float | None] = [None] * len(prompts)
+        self.busy_seconds = 0.0  # in score calls, overlapped or not
+        self._left = [num_generations] * (len(prompts) // num_generations)  # responses each group awaits
+        self._ready: list[int] = []  # sample indices of finished groups not yet scored
+        self._lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="posttrain-scoring") if getattr(env, "overlaps_generation", False) else None
+        self._futures: list[Future] = []
+
+    def finished(self, index: int, rollout: Rollout) -> None:
+        self.rollouts[index] = rollout
+        group = index // self.num_generations
+        self._left[group] -= 1
+        if self._left[group] == 0:
+            with self._lock:
+                self._ready += range(group * self.num_generations, (group + 1) * self.num_generations)
+            if self._worker is not None:
+                self._futures.append(self._worker.submit(self._score_ready))
+
+    def results(self, rollouts: list[Rollout]) -> tuple[list[str], list[float]]:
+        """Responses and raw rewards in order, once every group is scored (an engine that never
+        called `finished` gets its groups scored here); a scoring error is raised here."""
+        for index, rollout in enumerate(rollouts):
+            if self.rollouts[index] is None:
+                self.finished(index, rollout)
+        try:
+            for future in self._futures:
+                future.result()
+        finally:
+            if self._worker is not None:
+                self._worker.shutdown()
+        self._score_ready()  # what is left: everything, without a worker
+        return self.responses, self.rewards
+
+    def _score_ready(self) -> None:
+        with self._lock:
+            indices, self._ready = self._ready, []
+        if not indices:
+            return
+        start = time.perf_counter()
+        responses = [self.tokenizer.decode(self.rollouts[i].token_ids, skip_special_tokens=True) for i in indices]
+        rewards = self.env.score(
+            [self.prompts[i].text for i in indices], responses, [scoring_metadata(self.prompts[i].sample) for i in indices]
+        )
+        for index, response, reward in zip(indices, responses, rewards, strict=True):
+            self.responses[index], self.rewards[index] = response, reward
+        self.busy_seconds += time.perf_counter() - start
+
+
 def pack_rollouts(rollouts: list[Rollout], width: int, pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-padded rows of prompt + response (see `right_padded_rows`) plus the generator's logprobs."""
     packed = right_padded_rows(
@@ -67,25 +127,27 @@ def generate_and_score(
     width: int,
     images: PromptImages | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Sample `num_generations` responses per prompt and score them. Tensors are [P, G, ...].
+    """Sample `num_generations` responses per prompt and score them (overlapped with generation
+    where the environment allows: GroupScorer). Tensors are [P, G, ...].
 
     The second result holds additive metrics, which the caller sums over generation batches:
-    timings in seconds and train/empty_responses (a count of responses).
+    timings in seconds (timing/scoring: what scoring adds after generation ends;
+    timing/scoring_busy: the time in score calls, overlapped or not) and train/empty_responses
+    (a count of responses).
     """
     metrics: dict[str, float] = {}
     start = time.perf_counter()
     repeated = [prompt for prompt in prompts for _ in range(num_generations)]
     multimodal = [p.multimodal for p in repeated] if images is not None else None
-    rollouts = engine.generate([p.token_ids for p in repeated], params, multimodal)
+    scorer = GroupScorer(env, tokenizer, repeated, num_generations)
+    rollouts = engine.generate([p.token_ids for p in repeated], params, multimodal, on_finished=scorer.finished)
     metrics["timing/generation"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    responses = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in rollouts]
-    raw_rewards_N = torch.tensor(
-        env.score([p.text for p in repeated], responses, [scoring_metadata(p.sample) for p in repeated]),
-        dtype=torch.float32,
-    )
+    responses, raw_rewards = scorer.results(rollouts)
+    raw_rewards_N = torch.tensor(raw_rewards, dtype=torch.float32)
     metrics["timing/scoring"] = time.perf_counter() - start
+    metrics["timing/scoring_busy"] = scorer.busy_seconds
     metrics["train/empty_responses"] = float(sum(not response.strip() for response in responses))
 
     lengths_N = torch.tensor([len(r.token_ids) for r in rollouts], dtype=torch.float32)

@@ -81,10 +81,16 @@ def check_request(
 
 class RolloutEngine(Protocol):
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, multimodal: list[MultimodalPrompt | None] | None = None
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        multimodal: list[MultimodalPrompt | None] | None = None,
+        on_finished: Callable[[int, Rollout], None] | None = None,
     ) -> list[Rollout]:
         """Sample one response per prompt (repeat prompts for several samples), in order;
-        `multimodal[i]` holds prompt i's images (None: text only)."""
+        `multimodal[i]` holds prompt i's images (None: text only). `on_finished(i, rollout)` is
+        called, on the calling thread, as soon as response i is final (so that the caller can
+        score it while the rest decode)."""
         ...
 
     def refresh_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

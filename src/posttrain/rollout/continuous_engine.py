@@ -375,8 +375,10 @@ class ContinuousBatchingEngine:
         prompts: list[list[int]],
         params: SamplingParams,
         multimodal: list[MultimodalPrompt | None] | None = None,
+        on_finished: Callable[[int, Rollout], None] | None = None,
     ) -> list[Rollout]:
-        """One response per prompt, in order. `multimodal[i]` holds prompt i's images (None: text only)."""
+        """One response per prompt, in order. `multimodal[i]` holds prompt i's images (None: text
+        only); `on_finished(i, rollout)` runs as each response is collected (RolloutEngine)."""
         check_request(prompts, params, multimodal, self.decode_text)
         if self._released:
             raise RuntimeError("the engine's weights were released for training: refresh_weights first")
@@ -384,9 +386,9 @@ class ContinuousBatchingEngine:
             return []
         multimodal = multimodal or [None] * len(prompts)
         with torch.no_grad():
-            return self._generate(prompts, params, multimodal)
+            return self._generate(prompts, params, multimodal, on_finished or (lambda index, rollout: None))
 
-    def _generate(self, prompts, params: SamplingParams, multimodal) -> list[Rollout]:
+    def _generate(self, prompts, params: SamplingParams, multimodal, on_finished) -> list[Rollout]:
         self.last_stats = stats = GenerateStats()
         rows = slot_bucket(len(prompts), self.max_batch_size)
         self._allocate(rows, max(len(p) for p in prompts) + params.max_new_tokens, params.max_new_tokens)
@@ -445,6 +447,7 @@ class ContinuousBatchingEngine:
                     logprobs=logprobs[row, :length].tolist(),
                     finish_reason="stop" if flags[1, slot] else "length",
                 )
+                on_finished(slot_prompt[slot], results[slot_prompt[slot]])
                 slot_prompt[slot] = None
 
         admit()

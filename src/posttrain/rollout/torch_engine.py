@@ -73,8 +73,10 @@ class TorchRolloutEngine:
         prompts: list[list[int]],
         params: SamplingParams,
         multimodal: list[MultimodalPrompt | None] | None = None,
+        on_finished: Callable[[int, Rollout], None] | None = None,
     ) -> list[Rollout]:
-        """One response per prompt, in order. `multimodal[i]` holds prompt i's images (None: text only)."""
+        """One response per prompt, in order. `multimodal[i]` holds prompt i's images (None: text
+        only); `on_finished(i, rollout)` runs for each response at the end (a static batch)."""
         check_request(prompts, params, multimodal, self.decode_text)
         generator = torch.Generator(device=self._device)
         if params.seed is not None:
@@ -89,6 +91,9 @@ class TorchRolloutEngine:
                 rollouts += self._generate_batch(prompts[start:stop], params, generator, batch_multimodal)
         if params.stop_strings:
             rollouts = [self._cut_at_stop_string(r, params.stop_strings) for r in rollouts]
+        for index, rollout in enumerate(rollouts):
+            if on_finished is not None:
+                on_finished(index, rollout)
         return rollouts
 
     def _cut_at_stop_string(self, rollout: Rollout, stop_strings: tuple[str, ...]) -> Rollout:
