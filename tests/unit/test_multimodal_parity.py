@@ -72,7 +72,7 @@ def _prompts(processor) -> tuple[list[list[int]], list[MultimodalPrompt | None]]
     for text, images in rows:
         out = processor(text=[text], images=[images] if images else None, return_tensors="pt")
         prompts.append(out["input_ids"][0].tolist())
-        multimodal.append(MultimodalPrompt(out["pixel_values"], out["image_position_ids"]) if images else None)
+        multimodal.append(MultimodalPrompt({"pixel_values": out["pixel_values"], "image_position_ids": out["image_position_ids"]}) if images else None)
     return prompts, multimodal
 
 
@@ -95,8 +95,8 @@ def _left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 def _images(multimodal) -> dict[str, torch.Tensor]:
     present = [m for m in multimodal if m is not None]
     return {
-        "pixel_values": torch.cat([m.pixel_values for m in present]),
-        "image_position_ids": torch.cat([m.image_position_ids for m in present]),
+        "pixel_values": torch.cat([m["pixel_values"] for m in present]),
+        "image_position_ids": torch.cat([m["image_position_ids"] for m in present]),
     }
 
 
@@ -116,7 +116,7 @@ def test_the_processor_gives_placeholders_images_and_token_types(processor, toke
     prompts, multimodal = _prompts(processor)
     image_id = tokenizer.image_token_id
     assert [row.count(image_id) for row in prompts] == [4, 6, 0]
-    assert multimodal[0].pixel_values.shape[0] == multimodal[1].pixel_values.shape[0] == 1
+    assert multimodal[0]["pixel_values"].shape[0] == multimodal[1]["pixel_values"].shape[0] == 1
     out = processor(text=["how many shapes<|image|>"], images=[[_image(36, 24, 1)]], return_tensors="pt")
     assert torch.equal(out["mm_token_type_ids"], (out["input_ids"] == image_id).long())
 
@@ -151,7 +151,7 @@ def test_generator_logprobs_with_images_equal_token_logprobs(model, processor, e
     rollouts = engine.generate(prompts, SamplingParams(temperature=TEMPERATURE, max_new_tokens=10, seed=3), multimodal)
     for rollout, images in zip(rollouts, multimodal, strict=True):
         ids = rollout.prompt_token_ids + rollout.token_ids
-        extra = {"pixel_values": images.pixel_values, "image_position_ids": images.image_position_ids} if images else {}
+        extra = {"pixel_values": images["pixel_values"], "image_position_ids": images["image_position_ids"]} if images else {}
         with torch.no_grad():
             lp_T1 = token_logprobs(
                 model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), temperature=TEMPERATURE, **extra

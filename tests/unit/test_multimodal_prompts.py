@@ -37,7 +37,7 @@ def test_images_become_placeholders_before_the_text(processor):
         assert prompt.token_ids.count(tokenizer.bos_token_id) == 1 and prompt.token_ids[0] == tokenizer.bos_token_id
     text_start = first.token_ids.index(tokenizer.encode("How", add_special_tokens=False)[0])
     assert max(i for i, t in enumerate(first.token_ids) if t == image_id) < text_start
-    assert first.multimodal.pixel_values.shape[0] == second.multimodal.pixel_values.shape[0] == 1
+    assert first.multimodal["pixel_values"].shape[0] == second.multimodal["pixel_values"].shape[0] == 1
     assert third.multimodal is None
     decoded = tokenizer.decode(third.token_ids)
     assert decoded.startswith("<bos><|turn>user\nWhat is 2+2?") and decoded.endswith("<|turn>model\n")

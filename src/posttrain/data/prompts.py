@@ -21,7 +21,7 @@ from posttrain.data.shapes import shape_count_samples
 from posttrain.data.sources import BadRows, DataError, load_jsonl_or_parquet, load_reasoning_gym
 from posttrain.data.templates import render
 from posttrain.data.types import Sample
-from posttrain.rollout.base import MultimodalPrompt
+from posttrain.rollout.base import TEXT_PROCESSOR_OUTPUTS, MultimodalPrompt
 
 
 def load_samples(source: PromptSource, *, split: str, bad_rows: BadRows | None = None) -> list[Sample]:
@@ -135,7 +135,9 @@ def tokenize_multimodal_prompts(
         if len(token_ids) > max_prompt_tokens:
             dropped.append(sample.origin)
             continue
-        multimodal = MultimodalPrompt(out["pixel_values"], out["image_position_ids"]) if sample.images else None
+        multimodal = None
+        if sample.images:
+            multimodal = MultimodalPrompt({name: t for name, t in out.items() if name not in TEXT_PROCESSOR_OUTPUTS})
         prompts.append(Prompt(sample=sample, text=text, token_ids=token_ids, multimodal=multimodal))
     if samples and not prompts:
         raise DataError(

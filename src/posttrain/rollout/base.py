@@ -29,26 +29,38 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class MultimodalPrompt:
-    """A prompt's images, as its model's processor made them (Gemma 4: pixel_values
-    [N_img, max_patches, 3*p*p] in [0, 1] and image_position_ids [N_img, max_patches, 2]).
-    The prompt's token ids already hold one placeholder token per image soft token; per-token
-    modality ids (Gemma 4's mm_token_type_ids) are derived from them."""
+    """A prompt's images, as its model's processor made them: the image tensors its forward takes,
+    each concatenating over images along dim 0 (Gemma 4: pixel_values [N_img, max_patches, 3*p*p]
+    in [0, 1] and image_position_ids [N_img, max_patches, 2]; Qwen2.5-VL: pixel_values
+    [patches, 3*t*p*p] and image_grid_thw [N_img, 3]). The prompt's token ids already hold one
+    placeholder token per image soft token; per-token modality ids (mm_token_type_ids) are
+    derived from them."""
 
-    pixel_values: torch.Tensor
-    image_position_ids: torch.Tensor
+    tensors: dict[str, torch.Tensor]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def to(self, device: torch.device) -> MultimodalPrompt:
+        return MultimodalPrompt({name: t.to(device) for name, t in self.tensors.items()})
+
+
+# Processor outputs that are not image tensors: the text's, and modality ids derived from it
+TEXT_PROCESSOR_OUTPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"})
 
 
 def image_inputs(images, *, device: torch.device | None = None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The images of a batch's rows (None: a text-only row) as the model's forward takes them: each
-    row's images in row order, which is the order of their placeholders in the batch. Empty when
-    no row has one."""
+    row's images in row order, which is the order of their placeholders in the batch; floating
+    tensors in `dtype`. Empty when no row has one."""
     present = [m for m in images if m is not None]
     if not present:
         return {}
-    return {
-        "pixel_values": torch.cat([m.pixel_values for m in present]).to(device=device, dtype=dtype),
-        "image_position_ids": torch.cat([m.image_position_ids for m in present]).to(device=device),
-    }
+    inputs = {}
+    for name in present[0].tensors:
+        tensor = torch.cat([m[name] for m in present])
+        inputs[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+    return inputs
 
 
 FinishReason = Literal["stop", "length"]

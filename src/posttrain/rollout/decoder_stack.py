@@ -164,8 +164,8 @@ class Gemma4DecoderStack(DecoderStack):
         hidden_BTH = self.text_model.embed_tokens(llm_ids_BT)
         weight = next(outer.vision_tower.parameters())
         features = outer.get_image_features(
-            torch.cat([m.pixel_values for m in images]).to(weight.device, weight.dtype),
-            torch.cat([m.image_position_ids for m in images]).to(weight.device),
+            torch.cat([m["pixel_values"] for m in images]).to(weight.device, weight.dtype),
+            torch.cat([m["image_position_ids"] for m in images]).to(weight.device),
             return_dict=True,
         ).pooler_output
         features = torch.cat(list(features)).to(hidden_BTH.dtype)

@@ -75,10 +75,7 @@ class TrainBatch:
         return TrainBatch(*(t[start:stop] for t in self._tensors()), images=self.images[start:stop])
 
     def to(self, device: torch.device) -> TrainBatch:
-        images = tuple(
-            None if m is None else MultimodalPrompt(m.pixel_values.to(device), m.image_position_ids.to(device))
-            for m in self.images
-        )
+        images = tuple(None if m is None else m.to(device) for m in self.images)
         return TrainBatch(*(t.to(device) for t in self._tensors()), images=images)
 
     def multimodal_inputs(self) -> dict[str, torch.Tensor]:
