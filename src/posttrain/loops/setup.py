@@ -25,6 +25,7 @@ from posttrain.metrics.console import Console
 from posttrain.models.activation_checkpointing import enable_activation_checkpointing
 from posttrain.models.freezing import apply_freeze_config
 from posttrain.models.loading import has_vision_tower, load_policy, load_processor, load_tokenizer, stop_token_ids
+from posttrain.models.registry import family_for
 from posttrain.models.tiny import END_OF_TURN, save_tiny_gemma4, train_tokenizer
 from posttrain.rollout.base import RolloutEngine, SamplingParams
 from posttrain.rollout.continuous_engine import ContinuousBatchingEngine
@@ -62,7 +63,7 @@ class RunParts:
         ws = self.cfg.warm_start
         if not ws.enabled:
             return
-        end_of_turn = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+        end_of_turn = end_of_turn_id(self.tokenizer)
         self.console.start_progress("warm start (SFT)", total=ws.num_steps)
         self.warm_start_losses = warm_start(
             self.model,
@@ -163,6 +164,13 @@ def tokenize_data(
     return train.prompts, val.prompts, metrics
 
 
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token that ends an assistant turn: Gemma 4's `<turn|>` where the vocabulary has it, else
+    the tokenizer's eos (Qwen's `<|im_end|>`)."""
+    token_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    return token_id if token_id is not None and token_id != tokenizer.unk_token_id else tokenizer.eos_token_id
+
+
 def build_engine(
     cfg: RecipeConfig, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, device: str, *, images: bool = False
 ) -> RolloutEngine:
@@ -170,6 +178,14 @@ def build_engine(
     CPU). `images`: the data has images, so the generator keeps the vision tower."""
     gen = cfg.policy.generation
     backend = gen.backend if gen.backend != "auto" else ("continuous" if device.startswith("cuda") else "torch")
+    family = family_for(model.config)
+    if images and backend == "continuous" and not family.continuous_engine_images:
+        if gen.backend == "continuous":
+            raise ValueError(
+                f"policy.generation.backend: the continuous engine takes images for Gemma 4 only, not {type(model).__name__} "
+                f"(family {family.name}); use backend torch (or auto)"
+            )
+        backend = "torch"  # auto: the engine that takes this family's images
     decode_text = partial(tokenizer.decode, skip_special_tokens=False)
     if backend == "continuous":
         return ContinuousBatchingEngine(

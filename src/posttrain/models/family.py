@@ -51,10 +51,19 @@ class ModelFamily:
     head_from_hidden_states: bool = False
     # Inputs the multimodal forward accepts beside input_ids / attention_mask / position_ids.
     multimodal_input_names: tuple[str, ...] = ()
+    # The continuous engine's decoder stack can embed this family's images (else: the torch engine).
+    continuous_engine_images: bool = False
     # (checkpoint dir) -> its multimodal processor; None: transformers' AutoProcessor.
     load_processor: Callable[[Path], ProcessorMixin] | None = None
+    # (config) -> whether it is a multimodal config, for families without a fixed list of types.
+    multimodal_config: Callable[[PretrainedConfig], bool] | None = None
+    # (model, input_ids_BT, attention_mask_BT, multimodal inputs) -> the forward's position_ids,
+    # for families whose positions are not the real tokens' count (multimodal rotary positions).
+    position_ids: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict], torch.Tensor] | None = None
 
     def is_multimodal(self, config: PretrainedConfig) -> bool:
+        if self.multimodal_config is not None:
+            return self.multimodal_config(config)
         return config.model_type in self.multimodal_model_types
 
     def model_class_and_config(self, config: PretrainedConfig, *, text_only: bool) -> tuple[type, PretrainedConfig]:
@@ -68,7 +77,7 @@ class ModelFamily:
     def placeholder_token_ids(self, config: PretrainedConfig) -> tuple[int, ...]:
         if not self.is_multimodal(config):
             return ()
-        ids = (getattr(config, attr) for attr in self.placeholder_token_attrs)
+        ids = (getattr(config, attr, None) for attr in self.placeholder_token_attrs)
         return tuple(i for i in ids if i is not None)
 
 

@@ -69,4 +69,5 @@ GEMMA4 = ModelFamily(
         "input_features_mask",
     ),
     load_processor=_load_processor,
+    continuous_engine_images=True,
 )

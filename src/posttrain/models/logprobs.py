@@ -45,14 +45,14 @@ def forward_inputs(
     if unknown:
         kind = f"{type(model).__name__} (family {family.name})"
         raise TypeError(f"{kind} does not take multimodal inputs {unknown}; it takes {list(family.multimodal_input_names) if multimodal else 'none'}")
-    inputs = {
-        "input_ids": input_ids_BT,
-        "attention_mask": attention_mask_BT,
-        "position_ids": position_ids_from_mask(attention_mask_BT),
-        **multimodal_inputs,
-    }
+    inputs = {"input_ids": input_ids_BT, "attention_mask": attention_mask_BT, **multimodal_inputs}
     if multimodal and family.mm_token_type_ids is not None and inputs.get("mm_token_type_ids") is None:
         inputs["mm_token_type_ids"] = family.mm_token_type_ids(model.config, input_ids_BT)
+    if family.position_ids is not None:
+        multimodal_only = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        inputs["position_ids"] = family.position_ids(model, input_ids_BT, attention_mask_BT, multimodal_only)
+    else:
+        inputs["position_ids"] = position_ids_from_mask(attention_mask_BT)
     return inputs
 
 

@@ -154,7 +154,7 @@ class TorchRolloutEngine:
             if bool(finished_B.all()):
                 break
             attention_mask_BT = torch.cat([attention_mask_BT, (~finished_B | is_stop_B).long().unsqueeze(-1)], dim=-1)
-            step_positions_BT = step_positions_BT[:, -1:] + 1
+            step_positions_BT = step_positions_BT[..., -1:] + 1  # [B, 1], or [3, B, 1] multimodal rotary positions
             # Decode steps are text: no images, and no mm_token_type_ids (Gemma 4 reads them by
             # position for the bidirectional image mask, which only the prefill needs).
             step_inputs = {
