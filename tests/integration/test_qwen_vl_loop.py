@@ -9,6 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+# the tiny processor uses Qwen2-VL's PIL image processor (newer transformers; older ones need torchvision)
+pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl", reason="Qwen2-VL's PIL image processor")
+
 from posttrain.cli.main import RECIPES_DIR
 from posttrain.config import RecipeConfig, load_config
 from posttrain.data.prompts import tokenize_multimodal_prompts

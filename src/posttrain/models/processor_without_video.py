@@ -67,4 +67,8 @@ def load_processor_without_video(path: str | Path) -> ProcessorMixin:
     if name is None or not hasattr(transformers, name):
         raise ValueError(f"{path}: no processor class named in {PROCESSOR_CONFIG} or preprocessor_config.json (got {name!r})")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    return build_without_video(getattr(transformers, name), AutoImageProcessor.from_pretrained(path), tokenizer)
+    # the class the image processor was saved as (older transformers' AutoImageProcessor wants torchvision)
+    image_config = json.loads((path / "preprocessor_config.json").read_text())
+    image_class = getattr(transformers, image_config.get("image_processor_type", ""), None)
+    image_processor = image_class.from_pretrained(path) if image_class is not None else AutoImageProcessor.from_pretrained(path)
+    return build_without_video(getattr(transformers, name), image_processor, tokenizer)
