@@ -303,6 +303,19 @@ def test_geometry3k_undecodable_image_and_placeholder_mismatch_are_bad_rows(tmp_
     assert bad_rows.skipped[1] == f"{path} row 2: 'problem' has 0 '<image>' placeholders for 1 images"
 
 
+def test_geometry3k_image_whose_file_is_missing_names_the_row(tmp_path):
+    missing = tmp_path / "figures" / "missing.png"
+    row = geometry3k_row("<image>Find x.", b"", 0)
+    row["images"] = [{"bytes": None, "path": str(missing)}]
+    missing.parent.mkdir()
+    missing.write_bytes(png_bytes((0, 255, 0)))  # there while the parquet file is written, then gone
+    path = write_parquet(tmp_path / "train.parquet", [row], GEOMETRY3K_FEATURES)
+    missing.unlink()
+    with pytest.raises(DataError, match=re.escape(f"{path} row 0: image 0 could not be decoded")) as error:
+        load_dataset_samples("geometry3k", path=str(path))
+    assert "missing.png" in str(error.value)
+
+
 # ------------------------------------------------------------------------------------ hub loading
 
 
