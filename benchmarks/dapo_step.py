@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 import yaml
-from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
+from transformers import Gemma4ForCausalLM
 
 from posttrain.config import RecipeConfig, load_config
 from posttrain.data.arithmetic import arithmetic_samples
@@ -43,11 +43,9 @@ from posttrain.data.shapes import shape_count_samples
 from posttrain.loops.grpo import run_grpo
 from posttrain.metrics.console import Console
 from posttrain.metrics.logger import read_metrics
-from posttrain.models.gemma4_presets import gemma4_preset_config, temper_random_init_attention
 from posttrain.models.tiny import (
     END_OF_TURN,
-    MULTIMODAL_TOKEN_IDS,
-    build_tiny_processor,
+    save_random_preset,
     save_tiny_gemma4,
     tiny_gemma4_config,
     train_tokenizer,
@@ -75,28 +73,11 @@ def build_checkpoint(preset: str, out_dir: Path, device: torch.device, *, images
         return
     if preset == "tiny":
         config = tiny_gemma4_config(len(tokenizer), variant="e_series", eos_token_ids=eos_ids)
-    else:
-        config = gemma4_preset_config(preset, text_only=not images)
-        text = config.get_text_config()
-        for target in {id(config): config, id(text): text}.values():
-            target.eos_token_id, target.pad_token_id, target.bos_token_id = eos_ids, tokenizer.pad_token_id, tokenizer.bos_token_id
-        if images:  # the locally trained tokenizer's placeholder ids
-            ids = MULTIMODAL_TOKEN_IDS
-            config.image_token_id, config.boi_token_id, config.eoi_token_id = ids["image_token"], ids["boi_token"], ids["eoi_token"]
-            config.video_token_id, config.audio_token_id, config.boa_token_id = ids["video_token"], ids["audio_token"], ids["boa_token"]
-            config.eoa_token_index = config.eoa_token_id = ids["eoa_token"]
-    torch.manual_seed(0)
-    with device:
-        model = (Gemma4ForConditionalGeneration if images else Gemma4ForCausalLM)(config)
-    temper_random_init_attention(model)
-    model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    if images:
-        vision = config.vision_config
-        processor = build_tiny_processor(
-            tokenizer, resize=True, patch_size=vision.patch_size, max_soft_tokens=config.vision_soft_tokens_per_image
-        )
-        processor.save_pretrained(out_dir)
+        torch.manual_seed(0)
+        Gemma4ForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+        return
+    save_random_preset(out_dir, tokenizer, preset, seed=0, multimodal=images, device=device)
 
 
 def recipe(checkpoint: Path, log_dir: Path, args, on_gpu: bool) -> dict:

@@ -10,12 +10,17 @@ import pytest
 
 from posttrain.cli.main import main
 from posttrain.config import ConfigError, RecipeConfig, load_config, load_recipe
+from posttrain.config.loader import repeated_inherited_values
 
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPES = sorted((REPO / "recipes").resolve().rglob("*.yaml"))
+RECIPES_ROOT = (REPO / "recipes").resolve()
+# twins/ holds overlays (a real recipe's CPU or one-GPU changes), validated through the twins using them
+RECIPES = sorted(p for p in RECIPES_ROOT.rglob("*.yaml") if p.parent.name != "twins")
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+# The real-shape recipes (users supply checkpoints and data) and the base they inherit
+REAL = sorted([*(RECIPES_ROOT / "llm").glob("*.yaml"), RECIPES_ROOT / "vlm" / "vlm_grpo-gemma4-e4b-geo3k.yaml"])
 
 
 def _is_partial_base(path: Path) -> bool:
@@ -35,6 +40,36 @@ def test_recipe_validates(path, capsys):
     assert isinstance(cfg, RecipeConfig)
     assert main(["validate", str(path)]) == 0
     assert "valid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", [*RECIPES, *sorted((RECIPES_ROOT / "twins").glob("*.yaml"))], ids=lambda p: str(p.relative_to(RECIPES_ROOT)))
+def test_no_recipe_repeats_an_inherited_value(path):
+    assert repeated_inherited_values(path) == []
+
+
+def test_repeated_inherited_values_are_found(tmp_path):
+    (tmp_path / "base.yaml").write_text("grpo: {max_num_steps: 5, val_period: 2}\ndata: {train: {type: arithmetic, size: 10}}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text(
+        "defaults: base.yaml\ngrpo: {max_num_steps: 5, val_period: 3}\n"
+        "data: {train: {type: shapes, size: 10}}\n"  # another type replaces the mapping: not a repeat
+    )
+    assert repeated_inherited_values(child) == ["grpo.max_num_steps: 5 (inherited)"]
+
+
+@pytest.mark.parametrize("real", REAL, ids=lambda p: p.name)
+def test_every_real_recipe_inherits_the_base_and_has_a_cpu_and_a_one_gpu_twin(real):
+    assert "defaults: ../gemma4-base.yaml" in real.read_text()
+    stem = real.stem.removesuffix("-1n8g-fsdp2").removesuffix("-4n8g-fsdp2")
+    for twin, overlay in ((RECIPES_ROOT / "tiny" / f"{stem}-tiny.yaml", "cpu"), (RECIPES_ROOT / "gpu1" / f"{stem}-1gpu.yaml", "gpu1")):
+        text = twin.read_text()
+        assert f"../{real.parent.name}/{real.name}" in text and f"../twins/{overlay}.yaml" in text, twin
+        cfg = load_config(twin, RecipeConfig)
+        real_cfg = load_config(real, RecipeConfig)
+        # the twin keeps the real recipe's algorithm
+        assert cfg.loss_fn == real_cfg.loss_fn
+        assert cfg.grpo.use_leave_one_out_baseline == real_cfg.grpo.use_leave_one_out_baseline
+        assert (cfg.tiny_model.preset is not None) == (overlay == "gpu1")
 
 
 def test_quickstart_values():

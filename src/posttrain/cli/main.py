@@ -1,4 +1,4 @@
-"""The `posttrain` command: quickstart, train, validate, export."""
+"""The `posttrain` command: quickstart, train, validate, export, check, plan."""
 
 from __future__ import annotations
 
@@ -33,6 +33,17 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT", help="A run directory (its latest checkpoint) or a checkpoints/step_<n>.")
     export.add_argument("--out", required=True, help="Output directory (must not exist, or be empty).")
     export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="Weight dtype (default: the fp32 masters).")
+
+    check = commands.add_parser("check", help="Evaluate a run's metric gates (its recipe's `gates`) over its metrics.jsonl.")
+    check.add_argument("run_dir", metavar="RUN_DIR", help="A run directory (config.yaml, metrics.jsonl).")
+    check.add_argument("--gate", action="append", default=[], help="Another gate, e.g. 'median(train/token_mult_prob_error) < 1.05'.")
+
+    plan = commands.add_parser("plan", help="Estimate a recipe's GPU memory per GPU and the fewest GPUs that fit.")
+    plan.add_argument("recipe", help="Path to a YAML recipe.")
+    plan.add_argument("overrides", nargs="*", help="Dotted overrides key.path=value.")
+    plan.add_argument("--gpus", type=int, default=None, help="GPUs to plan for (default: 1).")
+    plan.add_argument("--gpu", choices=["h200", "h100"], default="h200", help="GPU model (default: h200).")
+    plan.add_argument("--preset", default=None, help="A released Gemma 4 shape (e2b, e4b, 26b-a4b, 31b) instead of the recipe's checkpoint.")
     return root
 
 
@@ -56,6 +67,9 @@ def run(cfg: RecipeConfig) -> int:
     transformers_logging.disable_progress_bar()  # posttrain shows its own progress
     is_main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
     console = Console(enabled=cfg.logger.progress and is_main_rank)
+    warning = unfit_warning(cfg)
+    if warning and is_main_rank:
+        print(f"warning: {warning}", file=sys.stderr)
     start = time.perf_counter()
     try:
         result = run_grpo(cfg, console=console)
@@ -89,6 +103,20 @@ def run(cfg: RecipeConfig) -> int:
     return 0
 
 
+def unfit_warning(cfg: RecipeConfig) -> str | None:
+    """The memory planner's warning when the recipe will not fit the GPUs it launches on (CUDA only)."""
+    import torch
+
+    if cfg.policy.device == "cpu" or not torch.cuda.is_available():
+        return None
+    from posttrain.planning.memory import warn_if_unfit
+
+    try:
+        return warn_if_unfit(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    except Exception as error:  # noqa: BLE001 (an estimate that fails must never stop a run)
+        return f"the memory planner could not estimate this recipe ({type(error).__name__}: {error})"
+
+
 def export(path: str, out: str, dtype: str) -> int:
     from posttrain.checkpoint.export import ExportError, export_run
     from posttrain.models.loading import CheckpointMismatchError, CheckpointNotFoundError, RemoteCodeError
@@ -106,6 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "export":
         return export(args.path, args.out, args.dtype)
+    if args.command == "check":
+        from posttrain.metrics.gates import check_run
+
+        return check_run(args.run_dir, args.gate)
+    if args.command == "plan":
+        from posttrain.planning.memory import plan_command
+
+        try:
+            return plan_command(args.recipe, args.overrides, gpus=args.gpus, gpu=args.gpu, preset=args.preset)
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     try:
         if args.command == "quickstart":
             out = args.out or f"runs/quickstart-{datetime.now():%Y%m%d-%H%M%S}"

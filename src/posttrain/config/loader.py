@@ -9,8 +9,10 @@ copy kept next to a run).
 This module is generic over any pydantic model and imports neither torch nor the schema, so a
 recipe is checked before anything heavy loads.
 
-Merge rules (`defaults:` and overrides alike): mappings merge key by key, recursively; lists and
-scalars replace; an explicit `null` replaces too.
+Merge rules (`defaults:` and overrides alike): mappings merge key by key, recursively, unless the
+new mapping names another thing (a different `type` or `name`: another data source or dataset,
+another environment), which replaces the base's; lists and scalars replace; an explicit `null`
+replaces too.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "dump_config",
     "load_config",
     "load_recipe",
+    "repeated_inherited_values",
     "validate_config",
 ]
 
@@ -148,17 +151,25 @@ def _read_mapping(path: Path) -> dict[str, Any]:
 def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     """`top` over `base`: mappings merge recursively, anything else (lists, null) replaces.
 
-    A mapping whose `type` differs from the base's (a different member of a discriminated
-    union, e.g. another data source) replaces the base mapping instead of merging into it.
+    A mapping naming another thing than the base's (a different `type`: another member of a
+    discriminated union, e.g. another kind of data source; or a different `name`: another
+    dataset, another environment) replaces the base mapping instead of merging into it.
     """
     merged = {key: copy.deepcopy(value) for key, value in base.items()}
     for key, value in top.items():
         old = merged.get(key)
-        if isinstance(value, Mapping) and isinstance(old, Mapping) and value.get("type", old.get("type")) == old.get("type"):
+        if _merges(value, old):
             merged[key] = _deep_merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+def _merges(top: Any, base: Any) -> bool:
+    """`top` merges into `base` (both mappings, naming the same thing) rather than replacing it."""
+    if not (isinstance(top, Mapping) and isinstance(base, Mapping)):
+        return False
+    return all(top.get(key, base.get(key)) == base.get(key) for key in ("type", "name"))
 
 
 def _base_paths(entry: Any, path: Path) -> list[Path]:
@@ -195,6 +206,31 @@ def _load_tree(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     for base in _base_paths(data.pop(_DEFAULTS_KEY, None), path):
         merged = _deep_merge(merged, _load_tree(base, (*chain, path)))
     return _deep_merge(merged, data)
+
+
+def repeated_inherited_values(path: str | Path) -> list[str]:
+    """Settings a recipe states although its `defaults:` already give them the same value (a
+    recipe that inherits states only what differs), as `key.path: value (inherited)` lines.
+    A mapping that replaces its base's (another `type` or `name`) counts as repeated only when equal."""
+    path = Path(path)
+    data = _read_mapping(path)
+    inherited: dict[str, Any] = {}
+    for base in _base_paths(data.pop(_DEFAULTS_KEY, None), path):
+        inherited = _deep_merge(inherited, _load_tree(base, (path,)))
+    return _repeated(data, inherited, prefix="")
+
+
+def _repeated(mine: Mapping[str, Any], inherited: Mapping[str, Any], *, prefix: str) -> list[str]:
+    found = []
+    for key, value in mine.items():
+        if key not in inherited:
+            continue
+        old, dotted = inherited[key], f"{prefix}{key}"
+        if _merges(value, old):
+            found += _repeated(value, old, prefix=f"{dotted}.")
+        elif value == old:
+            found.append(f"{dotted}: {_short(value)} (inherited)")
+    return found
 
 
 # --------------------------------------------------------------------------------------------

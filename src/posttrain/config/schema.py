@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from posttrain.config.loss import LossConfig
 
@@ -235,9 +235,22 @@ class TinyModelConfig(Section):
             "token per 12 x 12 pixels, image sides multiples of 12) for data with images."
         ),
     )
+    preset: Literal["e2b", "e4b", "26b-a4b", "31b"] | None = Field(
+        None,
+        description=(
+            "Instead of the tiny dimensions above: a random-init model at a released Gemma 4's shape (262k vocabulary, "
+            "attention tempered, saved in bf16), for GPU runs at the real shape without the weights. With multimodal, "
+            "its vision (and audio) towers and a processor sized for them."
+        ),
+    )
+    preset_layers: int | None = Field(
+        None, ge=1, description="With preset: keep only its first layers (each at its real shape), to fit one GPU."
+    )
 
     @model_validator(mode="after")
     def heads_divide(self) -> TinyModelConfig:
+        if self.preset_layers is not None and self.preset is None:
+            raise ValueError("preset_layers cuts a preset's layers: set preset too")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -400,7 +413,15 @@ class EnvConfig(Section):
             "(with options.import_path). docs/environments.md lists each one's options."
         ),
     )
-    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the environment.")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments of the environment; null: none (a recipe switching environments drops its base's).",
+    )
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def null_is_no_options(cls, value: Any) -> Any:
+        return {} if value is None else value
 
     @model_validator(mode="after")
     def options_fit_environment(self) -> EnvConfig:
@@ -537,6 +558,26 @@ class RecipeConfig(Section):
     warm_start: WarmStartConfig = WarmStartConfig()
     logger: LoggerConfig = LoggerConfig()
     checkpointing: CheckpointingConfig = CheckpointingConfig()
+    gates: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Checks `posttrain check RUN_DIR` runs on the run's metrics.jsonl, e.g. "
+            "'median(train/token_mult_prob_error) < 1.05' or 'train/reward[20] > 0.1 and max(train/reward) > 0.45': "
+            "a function (count, first, last, max, mean, median, min) of a metric's logged values, or its value at a "
+            "step, compared (<, <=, >, >=, ==, !=) with a number or another such value; combined with and, or and "
+            "parentheses. A metric never logged, a missing step or a nan fails the gate."
+        ),
+    )
+
+    @field_validator("gates")
+    @classmethod
+    def gates_parse(cls, gates: list[str]) -> list[str]:
+        """A gate with a syntax error fails at load time, not after the run it was meant to check."""
+        from posttrain.metrics.gates import parse_gate  # here, not at the top: gates.py imports this schema
+
+        for gate in gates:
+            parse_gate(gate)
+        return gates
 
     @model_validator(mode="after")
     def exactly_one_model_source(self) -> RecipeConfig:

@@ -26,7 +26,7 @@ from posttrain.models.activation_checkpointing import enable_activation_checkpoi
 from posttrain.models.freezing import apply_freeze_config
 from posttrain.models.loading import has_vision_tower, load_policy, load_processor, load_tokenizer, stop_token_ids
 from posttrain.models.registry import family_for
-from posttrain.models.tiny import END_OF_TURN, save_tiny_gemma4, train_tokenizer
+from posttrain.models.tiny import END_OF_TURN, save_random_preset, save_tiny_gemma4, train_tokenizer
 from posttrain.rollout.base import RolloutEngine, SamplingParams
 from posttrain.rollout.continuous_engine import ContinuousBatchingEngine
 from posttrain.rollout.torch_engine import TorchRolloutEngine
@@ -96,6 +96,13 @@ def prepare_tiny_model(cfg: RecipeConfig, train_samples: list[Sample], out_dir: 
     ]
     corpus += ["user model"]  # the chat template's role names
     tokenizer = train_tokenizer(corpus, vocab_size=256 + 6 + tiny.vocab_size, multimodal=tiny.multimodal)
+    if tiny.preset is not None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # initializing billions of weights on a CPU takes minutes
+        save_random_preset(
+            tmp_dir, tokenizer, tiny.preset, seed=tiny.seed, multimodal=tiny.multimodal, num_hidden_layers=tiny.preset_layers, device=device
+        )
+        os.replace(tmp_dir, out_dir)
+        return out_dir
     save_tiny_gemma4(
         tmp_dir,
         tokenizer,

@@ -180,24 +180,38 @@ def _check_name(name: str) -> None:
     raise ValueError(f"unknown Gemma 4 preset {name!r}; valid names: {', '.join(GEMMA4_PRESET_NAMES)}.{hint}")
 
 
-def gemma4_text_preset_config(name: str) -> Gemma4TextConfig:
-    """The language-model config of released Gemma 4 model `name` (one of GEMMA4_PRESET_NAMES)."""
+def gemma4_text_preset_config(name: str, *, num_hidden_layers: int | None = None) -> Gemma4TextConfig:
+    """The language-model config of released Gemma 4 model `name` (one of GEMMA4_PRESET_NAMES).
+
+    `num_hidden_layers` keeps only the first layers (each at its real shape; KV sharing as in the
+    full model: a layer shares only if it does there), for one-GPU runs of the large models."""
     _check_name(name)
     # Copy the nested values: Gemma4TextConfig edits layer_types in place (last layer forced full).
     kwargs = {**_COMMON_TEXT, **_TEXT[name]}
     kwargs["layer_types"] = list(kwargs["layer_types"])
+    if num_hidden_layers is not None:
+        full = kwargs["num_hidden_layers"]
+        if not 1 <= num_hidden_layers <= full:
+            raise ValueError(f"preset {name!r} has {full} layers; keep between 1 and {full}, not {num_hidden_layers}")
+        owning = full - kwargs["num_kv_shared_layers"]  # the first layers compute their own K/V
+        kwargs["num_kv_shared_layers"] = max(0, num_hidden_layers - owning)
+        kwargs["num_hidden_layers"] = num_hidden_layers
+        kwargs["layer_types"] = kwargs["layer_types"][:num_hidden_layers]
     kwargs["rope_parameters"] = {k: dict(v) for k, v in _ROPE_PARAMETERS.items()}
     kwargs["eos_token_id"] = list(_COMMON_TEXT["eos_token_id"])
     return Gemma4TextConfig(**kwargs)
 
 
-def gemma4_preset_config(name: str, *, text_only: bool = False) -> Gemma4Config | Gemma4TextConfig:
+def gemma4_preset_config(
+    name: str, *, text_only: bool = False, num_hidden_layers: int | None = None
+) -> Gemma4Config | Gemma4TextConfig:
     """The config of released Gemma 4 model `name`: text + vision (+ audio for E2B/E4B).
 
-    With `text_only=True`, the `Gemma4TextConfig` alone (for `Gemma4ForCausalLM`).
+    With `text_only=True`, the `Gemma4TextConfig` alone (for `Gemma4ForCausalLM`);
+    `num_hidden_layers`: see `gemma4_text_preset_config`.
     Raises ValueError for a name not in GEMMA4_PRESET_NAMES.
     """
-    text_config = gemma4_text_preset_config(name)
+    text_config = gemma4_text_preset_config(name, num_hidden_layers=num_hidden_layers)
     if text_only:
         return text_config
     return Gemma4Config(

@@ -416,3 +416,47 @@ def save_tiny_gemma4(
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+def save_random_preset(
+    out_dir: str | Path,
+    tokenizer: PreTrainedTokenizerFast,
+    preset: str,
+    *,
+    seed: int,
+    multimodal: bool = False,
+    num_hidden_layers: int | None = None,
+    device: torch.device | str = "cpu",
+) -> Path:
+    """A random-init Gemma 4 at a released model's shape (`gemma4_presets`, optionally only its
+    first `num_hidden_layers`), with attention tempered (`temper_random_init_attention`), saved in
+    bf16 beside the locally trained tokenizer: for GPU runs at the real shape without the weights.
+    The tokenizer's special ids replace the released ones; `multimodal` adds the vision (and
+    audio) towers and a processor sized for the preset's vision tower (the tokenizer must come
+    from `train_tokenizer(multimodal=True)`)."""
+    from posttrain.models.gemma4_presets import gemma4_preset_config, temper_random_init_attention  # noqa: PLC0415 (heavy, rarely needed)
+
+    out_dir = Path(out_dir)
+    eos_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+    config = gemma4_preset_config(preset, text_only=not multimodal, num_hidden_layers=num_hidden_layers)
+    text = config.get_text_config()
+    for target in {id(config): config, id(text): text}.values():
+        target.eos_token_id, target.pad_token_id, target.bos_token_id = eos_ids, tokenizer.pad_token_id, tokenizer.bos_token_id
+    if multimodal:  # the locally trained tokenizer's placeholder ids
+        ids = MULTIMODAL_TOKEN_IDS
+        config.image_token_id, config.boi_token_id, config.eoi_token_id = ids["image_token"], ids["boi_token"], ids["eoi_token"]
+        config.video_token_id, config.audio_token_id, config.boa_token_id = ids["video_token"], ids["audio_token"], ids["boa_token"]
+        config.eoa_token_index = config.eoa_token_id = ids["eoa_token"]
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = (Gemma4ForConditionalGeneration if multimodal else Gemma4ForCausalLM)(config)
+    temper_random_init_attention(model)
+    model.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    if multimodal:
+        vision = config.vision_config
+        processor = build_tiny_processor(
+            tokenizer, resize=True, patch_size=vision.patch_size, max_soft_tokens=config.vision_soft_tokens_per_image
+        )
+        processor.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# recipes/quickstart.yaml on CPU, then its gates (common.sh).
+NUM_NODES=1
+GPUS_PER_NODE=0
+NUM_MINUTES=20
+STEPS=
+RECIPE=quickstart.yaml
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
