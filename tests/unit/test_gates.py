@@ -407,8 +407,11 @@ def test_recipe_gates_load_and_survive_the_run_directory_copy(tmp_path):
     assert load_config(run / "config.yaml", RecipeConfig).gates == gates
 
 
-def test_recipes_without_gates_have_none():
-    assert load_config(TINY_RECIPE, RecipeConfig).gates == []
+def test_a_recipe_without_gates_has_none(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"defaults: {TINY_RECIPE}\ngates: []\n")
+    assert load_config(recipe, RecipeConfig).gates == []
+    assert load_config(TINY_RECIPE, RecipeConfig).gates  # the shipped recipes state theirs
 
 
 def test_recipe_with_a_malformed_gate_fails_to_load_naming_the_gate(tmp_path):

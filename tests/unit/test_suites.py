@@ -62,3 +62,18 @@ def test_launchers_are_executable_and_source_the_common_script():
     for path in budget.launchers():
         assert path.stat().st_mode & 0o111, path
         assert 'source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"' in path.read_text(), path
+
+
+def test_multi_gpu_launchers_launch_recipes_that_split_over_their_ranks():
+    """A launcher's recipe passes the loop's torchrun checks for its world size (nodes x GPUs)."""
+    from posttrain.config import RecipeConfig, load_config
+    from posttrain.loops.grpo import check_distributed_recipe
+
+    checked = 0
+    for path in budget.launchers():
+        settings = budget.launcher_settings(path)
+        world = settings["NUM_NODES"] * settings["GPUS_PER_NODE"]
+        if world > 1:
+            check_distributed_recipe(load_config(RECIPES_ROOT / _launched_recipe(path), RecipeConfig), world)
+            checked += 1
+    assert checked == 4  # E2B, 26B-A4B, 31B and the VLM recipe

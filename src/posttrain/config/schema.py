@@ -194,7 +194,10 @@ class PolicyConfig(Section):
     max_total_sequence_length: int = Field(
         4096,
         ge=2,
-        description="Prompt + response tokens; prompts longer than this minus generation.max_new_tokens are dropped (counted).",
+        description=(
+            "Prompt + response tokens; prompts longer than this minus generation.max_new_tokens are dropped (counted). "
+            "sft: conversations longer than this are dropped (counted), never truncated."
+        ),
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm (null: no clipping). The pre-clip norm is logged.")
     activation_checkpointing: bool = Field(
@@ -355,14 +358,61 @@ class DatasetSource(Section):
         return self
 
 
+class ChatSource(Section):
+    """Conversations for supervised fine-tuning: rows holding a list of {role, content} messages."""
+
+    type: Literal["chat"] = Field(description="Selects this source.")
+    path: str = Field(
+        description=(
+            "A local .jsonl/.json or .parquet file; or a local directory of such files, or a hub id, read with "
+            "datasets.load_dataset(path, split=split) (the hub needs network access). Relative to the working directory."
+        )
+    )
+    messages_key: str = Field(
+        "messages",
+        description=(
+            "Column holding each row's messages: a list of {role, content} with roles system, user and assistant "
+            "(the first not an assistant's, at least one user and one assistant message). Dotted keys descend as "
+            "in `type: file`."
+        ),
+    )
+    split: str | None = Field(
+        None, description="Split read from a directory or the hub; null: train. Leave null when path is a file."
+    )
+    limit: int | None = Field(None, ge=1, description="Use only the first rows.")
+
+
+class ArithmeticChatSource(Section):
+    """Procedurally generated multi-turn arithmetic conversations (a running total), for SFT on CPU."""
+
+    type: Literal["arithmetic_chat"] = Field(description="Selects this source.")
+    size: int = Field(ge=1, description="Number of conversations.")
+    seed: int = Field(0, description="Generator seed; train and validation never share a first expression.")
+    max_turns: int = Field(
+        3,
+        ge=1,
+        description=(
+            "Assistant turns per conversation, uniform in [1, max_turns]: the first answers a+b or a-b, each later "
+            "one adds or subtracts another integer from the running total."
+        ),
+    )
+    max_value: int = Field(99, ge=1, description="Integers are drawn from [0, max_value].")
+
+
 PromptSource = Annotated[
-    ArithmeticSource | ShapesSource | ReasoningGymSource | FileSource | DatasetSource, Field(discriminator="type")
+    ArithmeticSource | ShapesSource | ReasoningGymSource | FileSource | DatasetSource | ChatSource | ArithmeticChatSource,
+    Field(discriminator="type"),
 ]
+CHAT_SOURCES = (ChatSource, ArithmeticChatSource)  # conversations, for algorithm sft; the others hold prompts
 
 
 class DataConfig(Section):
-    train: PromptSource = Field(description="Where training prompts come from (a source with a `type`).")
-    validation: PromptSource | None = Field(None, description="Held-out prompts for validation/accuracy; null: no validation.")
+    train: PromptSource = Field(
+        description="Where training prompts (grpo) or conversations (sft: chat, arithmetic_chat) come from (a source with a `type`)."
+    )
+    validation: PromptSource | None = Field(
+        None, description="Held-out prompts (validation/accuracy) or conversations (validation/loss); null: no validation."
+    )
     prompt_template: str = Field(
         "{prompt}",
         description=(
@@ -381,7 +431,7 @@ class DataConfig(Section):
         "error",
         description="A malformed data row: error naming its file and row, or skip it (counted as data/skipped_bad_rows).",
     )
-    shuffle: bool = Field(True, description="Reshuffle training prompts every epoch (seeded by grpo.seed).")
+    shuffle: bool = Field(True, description="Reshuffle training prompts every epoch (seeded by grpo.seed, or sft.seed).")
 
     @model_validator(mode="after")
     def template_has_prompt(self) -> DataConfig:
@@ -524,6 +574,43 @@ class WarmStartConfig(Section):
     )
 
 
+# ------------------------------------------------------------------------------------------ sft
+
+
+class SFTConfig(Section):
+    """Supervised fine-tuning (algorithm: sft): cross-entropy on the assistant turns of chat data.
+
+    The loss of an optimizer step is -(sum of the log-probabilities of its supervised tokens) / (its
+    supervised tokens, counted over the whole global batch and every rank), so micro-batch size,
+    packing and the number of processes change neither loss nor gradient. Supervised tokens: each
+    assistant turn's content and its end-of-turn token, never the role header.
+    """
+
+    max_num_steps: int = Field(1000, ge=1, description="Optimizer steps of policy.train_global_batch_size conversations each.")
+    max_num_epochs: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Also stop after this many passes over the training conversations, when that comes first. An epoch is "
+            "floor(conversations / train_global_batch_size) steps over an order reshuffled per epoch (data.shuffle); "
+            "the remainder sits that epoch out. null: max_num_steps alone."
+        ),
+    )
+    val_period: int = Field(50, ge=0, description="Compute validation/loss every this many steps (0: never).")
+    val_at_start: bool = Field(True, description="Compute validation/loss before the first step (logged as step 0).")
+    val_at_end: bool = Field(True, description="Compute validation/loss after the last step.")
+    max_val_samples: int | None = Field(None, ge=1, description="Use only the first validation conversations; null: all.")
+    seed: int = Field(42, description="Seeds data order and initialization; runs are reproducible from it.")
+    max_consecutive_nonfinite_steps: int = Field(
+        3,
+        ge=1,
+        description=(
+            "An optimizer step whose loss or gradient norm is NaN/inf is skipped (no update, counted in "
+            "train/skipped_nonfinite_steps); stop with an error after this many skipped in a row."
+        ),
+    )
+
+
 # ----------------------------------------------------------------------------- run bookkeeping
 
 
@@ -548,7 +635,17 @@ class CheckpointingConfig(Section):
     )
 
 
+Algorithm = Literal["grpo", "sft"]  # each has its section (grpo:, sft:) and its loop in posttrain.loops
+
+
 class RecipeConfig(Section):
+    algorithm: Algorithm = Field(
+        "grpo",
+        description=(
+            "What the run trains with: grpo (GRPO / DAPO: rollouts, rewards, the grpo and loss_fn sections) or sft "
+            "(supervised fine-tuning on chat data: the sft section; env, grpo, loss_fn and warm_start are unused)."
+        ),
+    )
     policy: PolicyConfig = PolicyConfig()
     tiny_model: TinyModelConfig | None = None
     data: DataConfig
@@ -556,6 +653,7 @@ class RecipeConfig(Section):
     grpo: GRPOConfig = GRPOConfig()
     loss_fn: LossConfig = LossConfig()
     warm_start: WarmStartConfig = WarmStartConfig()
+    sft: SFTConfig = SFTConfig()
     logger: LoggerConfig = LoggerConfig()
     checkpointing: CheckpointingConfig = CheckpointingConfig()
     gates: list[str] = Field(
@@ -589,10 +687,37 @@ class RecipeConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def data_fits_algorithm(self) -> RecipeConfig:
+        """Conversations train with sft, prompts with grpo; sft has no use for the RL-only settings."""
+        sources = {"data.train": self.data.train, "data.validation": self.data.validation}
+        if self.algorithm == "sft":
+            for key, source in sources.items():
+                if source is not None and not isinstance(source, CHAT_SOURCES):
+                    raise ValueError(
+                        f"algorithm sft trains on conversations: {key} must be a chat source (type chat or "
+                        f"arithmetic_chat), got type {source.type}"
+                    )
+            if self.data.prompt_template != "{prompt}" or self.data.prompt_template_file is not None:
+                raise ValueError("algorithm sft trains on the conversations as written: unset data.prompt_template(_file)")
+            if self.warm_start.enabled:
+                raise ValueError(
+                    "warm_start is the supervised phase before RL; algorithm sft is supervised throughout: "
+                    "set warm_start.enabled: false"
+                )
+            return self
+        for key, source in sources.items():
+            if isinstance(source, CHAT_SOURCES):
+                raise ValueError(
+                    f"{key}: a {source.type} source holds conversations for algorithm: sft; GRPO reads prompts "
+                    "(chat data: {type: file, prompt_key: messages})"
+                )
+        return self
+
+    @model_validator(mode="after")
     def batch_arithmetic(self) -> RecipeConfig:
         samples = self.grpo.num_prompts_per_step * self.grpo.num_generations_per_prompt
         global_batch, micro_batch = self.policy.train_global_batch_size, self.policy.train_micro_batch_size
-        if samples % global_batch:
+        if self.algorithm == "grpo" and samples % global_batch:
             raise ValueError(
                 f"each step produces grpo.num_prompts_per_step x grpo.num_generations_per_prompt = "
                 f"{self.grpo.num_prompts_per_step} x {self.grpo.num_generations_per_prompt} = {samples} samples, "
@@ -608,6 +733,8 @@ class RecipeConfig(Section):
 
     @model_validator(mode="after")
     def sequence_budget(self) -> RecipeConfig:
+        if self.algorithm != "grpo":  # sft generates nothing
+            return self
         if self.policy.generation.max_new_tokens >= self.policy.max_total_sequence_length:
             raise ValueError(
                 f"policy.generation.max_new_tokens ({self.policy.generation.max_new_tokens}) leaves no room for the "

@@ -79,3 +79,41 @@ def arithmetic_samples(
 def solution_text(sample: Sample) -> str:
     """The supervised answer for warm-starting: the bare number, which math-verify parses."""
     return str(sample.ground_truth)
+
+
+def arithmetic_conversations(
+    count: int, *, seed: int, max_turns: int = 3, max_value: int = 99, split: str = "train"
+) -> list[Sample]:
+    """`count` seeded multi-turn conversations keeping a running total, for supervised fine-tuning.
+
+    user "Compute 37+48." / assistant "85" / user "Subtract 9." / assistant "76" / ...: 1 to
+    `max_turns` assistant turns, each later turn answerable only from the earlier ones. The whole
+    list is `metadata["messages"]` (the chat-source format); `prompt` and `ground_truth` are the
+    last user message and the last answer. Train and validation never share a first expression.
+    """
+    if split not in ("train", "validation"):
+        raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+    rng = random.Random(f"chat:{split}:{seed}")
+    samples = []
+    for index in range(count):
+        while True:  # draw until the first expression belongs to this split
+            expression, total = arithmetic_problem(rng, num_terms=2, max_value=max_value)
+            if split_of(expression) == split:
+                break
+        messages = [{"role": "user", "content": f"Compute {expression}."}, {"role": "assistant", "content": str(total)}]
+        for _ in range(rng.randint(1, max_turns) - 1):
+            term, add = rng.randint(0, max_value), rng.random() < 0.5
+            total = total + term if add else total - term
+            messages += [
+                {"role": "user", "content": f"{'Add' if add else 'Subtract'} {term}."},
+                {"role": "assistant", "content": str(total)},
+            ]
+        samples.append(
+            Sample(
+                prompt=messages[-2]["content"],
+                ground_truth=messages[-1]["content"],
+                metadata={"messages": messages},
+                origin=f"arithmetic_chat:{split}:{seed}:{index}",
+            )
+        )
+    return samples

@@ -225,7 +225,7 @@ DATASETS: dict[str, DatasetSpec] = {
 # ----------------------------------------------------------------------------------------- loading
 
 
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name: a path read from the hub (chat sources too)
 
 
 def load_dataset_samples(
@@ -263,7 +263,7 @@ def load_dataset_samples(
             )
         return _load_files(name, spec, files, limit=limit, bad_rows=bad_rows)
     hub_id = path if path is not None else spec.hub_id
-    if not _HUB_ID.match(hub_id):
+    if not HUB_ID.match(hub_id):
         raise DataError(
             f"dataset {name}: {path!r} is neither a local file or directory (looked for {Path(hub_id).resolve()}) "
             "nor a hub id of the form owner/name"

@@ -8,14 +8,17 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 from posttrain.config.schema import (
+    ArithmeticChatSource,
     ArithmeticSource,
+    ChatSource,
     DatasetSource,
     FileSource,
     PromptSource,
     ReasoningGymSource,
     ShapesSource,
 )
-from posttrain.data.arithmetic import arithmetic_samples
+from posttrain.data.arithmetic import arithmetic_conversations, arithmetic_samples
+from posttrain.data.chat import load_chat
 from posttrain.data.datasets import load_dataset_samples
 from posttrain.data.shapes import shape_count_samples
 from posttrain.data.sources import BadRows, DataError, load_jsonl_or_parquet, load_reasoning_gym
@@ -25,7 +28,8 @@ from posttrain.rollout.base import TEXT_PROCESSOR_OUTPUTS, MultimodalPrompt
 
 
 def load_samples(source: PromptSource, *, split: str, bad_rows: BadRows | None = None) -> list[Sample]:
-    """The samples of one recipe source; `split` ("train"/"validation") picks the arithmetic split,
+    """The samples of one recipe source (conversations for the chat sources, in metadata["messages"]);
+    `split` ("train"/"validation") picks the generated sources' split,
     `bad_rows` decides what a malformed file row does (None: raise)."""
     if isinstance(source, ArithmeticSource):
         return arithmetic_samples(
@@ -54,6 +58,12 @@ def load_samples(source: PromptSource, *, split: str, bad_rows: BadRows | None =
     if isinstance(source, DatasetSource):
         return load_dataset_samples(
             source.name, path=source.path, split=source.split, limit=source.limit, bad_rows=bad_rows
+        )
+    if isinstance(source, ChatSource):
+        return load_chat(source.path, messages_key=source.messages_key, split=source.split, limit=source.limit, bad_rows=bad_rows)
+    if isinstance(source, ArithmeticChatSource):
+        return arithmetic_conversations(
+            source.size, seed=source.seed, max_turns=source.max_turns, max_value=source.max_value, split=split
         )
     raise TypeError(f"unknown prompt source {source!r}")
 

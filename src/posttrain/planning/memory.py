@@ -38,8 +38,10 @@ from posttrain.models.blocked_attention import DEFAULT_BLOCK as ATTENTION_BLOCK
 from posttrain.models.chunked_logprobs import default_chunk_tokens
 from posttrain.models.document_attention import WIDE_HEAD_DIM
 from posttrain.models.freezing import apply_freeze_config
+from posttrain.models.gemma4_presets import gemma4_preset_config
 from posttrain.models.loading import check_remote_code
 from posttrain.models.registry import family_for
+from posttrain.models.tiny import tiny_gemma4_config, tiny_gemma4_multimodal_config
 from posttrain.rollout.continuous_engine import slot_bucket
 from posttrain.rollout.decoder_stack import decoder_stack
 from posttrain.rollout.slot_cache import LayerCacheSpec, ring_size
@@ -166,6 +168,7 @@ def parameter_part(name: str, tower_prefixes: dict[str, tuple[str, ...]]) -> Par
 
 
 def parameter_groups(model: torch.nn.Module) -> dict[tuple[str, str], ParameterCount]:
+    """Scalars by (part, kind); the parts are the family's towers (ModelFamily.towers) and the rest."""
     towers = family_for(model.config).towers
     prefixes = {"vision": towers.get("vision_tower", ()), "audio": towers.get("audio_tower", ())}
     scalars: dict[tuple[str, str], list[int]] = {(part, kind): [0, 0] for part in PARTS for kind in KINDS}
@@ -177,6 +180,8 @@ def parameter_groups(model: torch.nn.Module) -> dict[tuple[str, str], ParameterC
 
 
 def layer_shape(layer: torch.nn.Module, spec: LayerCacheSpec, text_config: PretrainedConfig) -> LayerShape:
+    """`layer`'s shape from its modules; head size and KV heads from the engine's cache spec
+    (Gemma 4's full-attention layers have their own, KV-shared layers none)."""
     hidden = text_config.hidden_size
     try:
         attention, mlp_width = layer.self_attn, layer.mlp.gate_proj.out_features
@@ -238,11 +243,11 @@ def tiny_vocab_size(tiny: TinyModelConfig) -> int:
 
 
 def recipe_model_config(cfg: RecipeConfig) -> PretrainedConfig:
-    """The policy's config as the run builds it: the tiny model's (save_tiny_gemma4's arguments),
-    or the checkpoint's config.json (no weights read)."""
-    from posttrain.models.tiny import tiny_gemma4_config, tiny_gemma4_multimodal_config
-
+    """The policy's config as the run builds it: the tiny model's (save_tiny_gemma4's arguments), a
+    random-init preset's (`tiny_model.preset`), or the checkpoint's config.json (no weights read)."""
     tiny = cfg.tiny_model
+    if tiny is not None and tiny.preset is not None:  # save_random_preset: the released shape, maybe cut
+        return gemma4_preset_config(tiny.preset, text_only=not tiny.multimodal, num_hidden_layers=tiny.preset_layers)
     if tiny is not None:
         text_config = tiny_gemma4_config(
             tiny_vocab_size(tiny),
@@ -636,14 +641,20 @@ def trainer_bytes(cfg: RecipeConfig, inventory: ModelInventory, gpus: int) -> di
     }
 
 
+def generation_slots(cfg: RecipeConfig, gpus: int, *, backend: str) -> int:
+    """Rows the engine allocates: the continuous engine rounds up to a power of two (slot_bucket),
+    the torch engine runs batches of at most max_batch_size; both capped by max_batch_size."""
+    sequences, cap = generation_sequences(cfg, gpus), cfg.policy.generation.max_batch_size
+    return slot_bucket(sequences, cap) if backend == "continuous" else min(sequences, cap)
+
+
 def engine_bytes(
     cfg: RecipeConfig, inventory: ModelInventory, gpus: int, *, backend: str, images: bool
 ) -> dict[str, int]:
     """The rollout engine's components on one GPU, in bytes."""
     gen, precision = cfg.policy.generation, engine_precision(cfg, backend)
-    sequences = generation_sequences(cfg, gpus)
     continuous = backend == "continuous"
-    slots = slot_bucket(sequences, gen.max_batch_size) if continuous else min(sequences, gen.max_batch_size)
+    slots = generation_slots(cfg, gpus, backend=backend)
     max_len = cfg.policy.max_total_sequence_length  # longest prompt kept + max_new_tokens
     autocast = precision == "bfloat16_autocast"
     weights = engine_weight_bytes(inventory, backend=backend, precision=precision, images=images, gpus=gpus)
@@ -667,14 +678,15 @@ def engine_bytes(
         "engine_logits": logits,
         "sampling_workspace": sampling_workspace_bytes(slots=slots, vocab=inventory.vocab_size, nucleus=gen.top_p < 1) + prefill,
         "refresh_transient": refresh_transient_bytes(inventory, precision=precision, gpus=gpus),
-        "slots": slots,
     }
 
 
 def plan_from_inventory(
     cfg: RecipeConfig, inventory: ModelInventory, gpus: int, *, backend: str = "continuous", images: bool = False
 ) -> MemoryPlan:
-    """Add the components up per phase (see the module docstring)."""
+    """Add the components up per phase (see the module docstring), as if each phase's components
+    were all live at once. Under FSDP2 that is an upper bound for training: the root's full
+    gradients appear at the end of backward, when most activations are already freed."""
     t = trainer_bytes(cfg, inventory, gpus)
     e = engine_bytes(cfg, inventory, gpus, backend=backend, images=images)
     activations = t["activations_checkpointed"] if cfg.policy.activation_checkpointing else t["activations_full"]
@@ -692,7 +704,7 @@ def plan_from_inventory(
         + e["engine_logits"]
     )
     refresh = resident + engine_held + e["refresh_transient"] if gpus > 1 else 0
-    gib = {key: value / GIB for key, value in {**t, **e}.items() if key != "slots"}
+    gib = {key: value / GIB for key, value in {**t, **e}.items()}
     return MemoryPlan(
         gpus=gpus,
         activation_checkpointing=cfg.policy.activation_checkpointing,
@@ -700,7 +712,7 @@ def plan_from_inventory(
         training_peak=training / GIB,
         refresh_peak=refresh / GIB,
         tokens_per_micro_batch=micro_batch_tokens(cfg.policy),
-        generation_slots=e["slots"],
+        generation_slots=generation_slots(cfg, gpus, backend=backend),
         engine=f"{backend} {engine_precision(cfg, backend)}",
         **gib,
     )
@@ -776,8 +788,8 @@ def smallest_gpu_count(
     cfg: RecipeConfig, *, gpu: str, model_config: PretrainedConfig | None = None, max_gpus: int = 64
 ) -> int | None:
     """The fewest `gpu` GPUs (up to max_gpus) on which `cfg`'s peak stays within the usable memory
-    less SAFETY_MARGIN; None when no count does (the engine's full copy and the KV cache are not
-    sharded: more GPUs do not always help)."""
+    less SAFETY_MARGIN; None when no count does (every GPU holds the engine's full weight copy:
+    more GPUs do not always help)."""
     config = model_config if model_config is not None else recipe_model_config(cfg)
     inventory = model_inventory(config, cfg.policy)
     return smallest_fitting_count(
@@ -876,8 +888,6 @@ def plan_command(recipe: str, overrides: list[str], *, gpus: int | None, gpu: st
     table for `gpus` GPUs (default 1: a recipe states no world size of its own) and the smallest
     count that fits. `preset` (a Gemma 4 name) replaces the recipe's model, so no checkpoint is
     needed. Returns 0 when it fits, 1 when not, 2 for an invalid recipe, preset or GPU."""
-    from posttrain.models.gemma4_presets import gemma4_preset_config
-
     try:
         cfg = load_config(recipe, RecipeConfig, overrides)
         capacity = usable_gib(gpu)

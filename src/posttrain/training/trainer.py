@@ -25,6 +25,7 @@ import torch
 
 from posttrain.algorithms.mismatch import gen_kl_error, token_mult_prob_error
 from posttrain.algorithms.pg_loss import clipped_pg_loss
+from posttrain.algorithms.sft_loss import sft_loss
 from posttrain.config.loss import LossConfig
 from posttrain.config.schema import PolicyConfig
 from posttrain.models.document_attention import resolve_training_attention, set_training_attention
@@ -82,6 +83,27 @@ class TrainBatch:
         """The rows' images for the model's forward, in row order (each row's placeholders take
         its own images in turn); empty when no row has one."""
         return image_inputs(self.images)
+
+
+@dataclass
+class SupervisedBatch:
+    """Conversations for supervised fine-tuning as right-padded rows (text only)."""
+
+    input_ids_BT: torch.Tensor
+    attention_mask_BT: torch.Tensor
+    loss_mask_BT: torch.Tensor  # 1 on the supervised tokens (logprobs_BT[:, t] scores token t)
+
+    def __len__(self) -> int:
+        return self.input_ids_BT.shape[0]
+
+    def rows(self, start: int, stop: int) -> SupervisedBatch:
+        return SupervisedBatch(self.input_ids_BT[start:stop], self.attention_mask_BT[start:stop], self.loss_mask_BT[start:stop])
+
+    def to(self, device: torch.device) -> SupervisedBatch:
+        return SupervisedBatch(self.input_ids_BT.to(device), self.attention_mask_BT.to(device), self.loss_mask_BT.to(device))
+
+    def multimodal_inputs(self) -> dict[str, torch.Tensor]:
+        return {}
 
 
 def aligned_token_logprobs(
@@ -202,7 +224,7 @@ class PolicyTrainer:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     @torch.no_grad()
-    def logprobs(self, batch: TrainBatch, temperature: float) -> torch.Tensor:
+    def logprobs(self, batch: TrainBatch | SupervisedBatch, temperature: float) -> torch.Tensor:
         """Logprobs of every token under the current weights, micro-batched, no gradient."""
         size = self.policy.logprob_batch_size or self.policy.train_micro_batch_size
         chunks = []
@@ -216,7 +238,7 @@ class PolicyTrainer:
                 )
         return torch.cat(chunks)
 
-    def _micro_batches(self, batch: TrainBatch, max_rows: int) -> list[tuple[int, int]]:
+    def _micro_batches(self, batch: TrainBatch | SupervisedBatch, max_rows: int) -> list[tuple[int, int]]:
         lengths = batch.attention_mask_BT.sum(dim=-1).tolist()
         return micro_batches(lengths, max_rows, self.policy.train_micro_batch_tokens)
 
@@ -289,7 +311,20 @@ class PolicyTrainer:
         if self.distributed.enabled:  # normalized like the loss: the sums over ranks are the global values
             metrics = defaultdict(float, {k: all_reduce_sum(v, self.distributed, self.device) for k, v in metrics.items()})
             finite = math.isfinite(metrics["loss"])
-        metrics["grad_norm"] = float("nan")
+        metrics.update(self._apply_gradients(finite))
+
+        old_BT = torch.cat(lp_old_pieces).to(mask_BT.device)
+        metrics["token_mult_prob_error"] = token_mult_prob_error(batch.gen_logprobs_BT, old_BT, mask_BT)
+        metrics["gen_kl_error"] = gen_kl_error(batch.gen_logprobs_BT, old_BT, mask_BT)
+        for key in ("token_mult_prob_error", "gen_kl_error"):  # ranks hold equal row counts: mean of means
+            metrics[key] = all_reduce_sum(metrics[key], self.distributed, self.device) / self.distributed.world_size
+        return dict(metrics)
+
+    def _apply_gradients(self, finite: bool) -> dict[str, float]:
+        """End an optimizer step whose backward passes are done: clip, then update, or skip the
+        update whole when the loss (`finite` False) or the gradient norm is not finite; advance
+        the lr schedule either way. Returns grad_norm (pre-clip), lr and skipped_nonfinite_steps."""
+        metrics = {"grad_norm": float("nan")}
         if finite:
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad],
@@ -308,10 +343,31 @@ class PolicyTrainer:
         with warnings.catch_warnings():  # torch warns when a run's first optimizer step is skipped: on purpose here
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()
+        return metrics
 
-        old_BT = torch.cat(lp_old_pieces).to(mask_BT.device)
-        metrics["token_mult_prob_error"] = token_mult_prob_error(batch.gen_logprobs_BT, old_BT, mask_BT)
-        metrics["gen_kl_error"] = gen_kl_error(batch.gen_logprobs_BT, old_BT, mask_BT)
-        for key in ("token_mult_prob_error", "gen_kl_error"):  # ranks hold equal row counts: mean of means
-            metrics[key] = all_reduce_sum(metrics[key], self.distributed, self.device) / self.distributed.world_size
-        return dict(metrics)
+    def sft_step(self, batch: SupervisedBatch) -> dict[str, float]:
+        """One optimizer step of supervised fine-tuning on `batch`, this rank's rows of one global
+        batch: loss = -(sum of the supervised tokens' logprobs) / (supervised tokens of the whole
+        global batch, all ranks), accumulated over micro-batches (and packed when
+        policy.sequence_packing), so neither changes the loss or the gradient. Logprobs at
+        temperature 1: the model's own distribution. Returns loss, supervised_tokens, grad_norm,
+        lr, skipped_nonfinite_steps and consecutive_nonfinite_steps."""
+        self.model.train()
+        supervised_tokens = all_reduce_sum(float(batch.loss_mask_BT.sum()), self.distributed, self.device)
+        loss_sum, finite = 0.0, True
+        zero_dense_grads(self.embedding_tables)
+        for start, stop in self._micro_batches(batch, self.policy.train_micro_batch_size):
+            rows = batch.rows(start, stop).to(self.device)
+            with self.autocast(), sparse_backward(self.embedding_tables):
+                logprobs_BT = self.logprob_module(rows.input_ids_BT, rows.attention_mask_BT, 1.0, self.policy.sequence_packing)
+            loss, loss_metrics = sft_loss(logprobs_BT, rows.loss_mask_BT.float(), global_normalizer=max(supervised_tokens, 1.0))
+            finite = finite and math.isfinite(loss_metrics["loss"])
+            if finite or self.distributed.enabled:  # as in _optimizer_step: every rank runs every backward
+                loss.backward()
+            loss_sum += loss_metrics["loss"]
+        if self.distributed.enabled:
+            loss_sum = all_reduce_sum(loss_sum, self.distributed, self.device)
+            finite = math.isfinite(loss_sum)
+        metrics = {"loss": loss_sum, "supervised_tokens": supervised_tokens, **self._apply_gradients(finite)}
+        metrics["consecutive_nonfinite_steps"] = float(self.consecutive_nonfinite_steps)
+        return metrics
