@@ -59,6 +59,7 @@ def run(cfg: RecipeConfig) -> int:
     from posttrain.checkpoint.store import CheckpointOptimizerMismatchError
     from posttrain.data.sources import DataError
     from posttrain.loops.grpo import DistributedRecipeError, run_grpo
+    from posttrain.loops.sft import NotAnSFTCheckpointError, run_sft
     from posttrain.metrics.console import Console
     from posttrain.models.freezing import FreezeConfigError
     from posttrain.models.loading import CheckpointMismatchError, CheckpointNotFoundError, RemoteCodeError
@@ -72,7 +73,7 @@ def run(cfg: RecipeConfig) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     start = time.perf_counter()
     try:
-        result = run_grpo(cfg, console=console)
+        result = {"grpo": run_grpo, "sft": run_sft}[cfg.algorithm](cfg, console=console)
     except (
         DataError,
         CheckpointMismatchError,
@@ -84,6 +85,7 @@ def run(cfg: RecipeConfig) -> int:
         DynamicSamplingExhausted,
         NonFiniteTrainingError,
         DistributedRecipeError,
+        NotAnSFTCheckpointError,
     ) as error:
         # Problems with the user's data, checkpoint or settings: the message says what to do, a
         # traceback would only bury it. Checkpoints written so far stay usable for a resume.
@@ -91,7 +93,11 @@ def run(cfg: RecipeConfig) -> int:
         print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - start
-    accuracy = result.validation_accuracy
+    losses = getattr(result, "validation_loss", None)  # SFT
+    if losses:
+        first, last = min(losses), max(losses)
+        console.note(f"validation/loss: {losses[first]:.3f} at step {first} -> {losses[last]:.3f} at step {last}")
+    accuracy = getattr(result, "validation_accuracy", None)
     if accuracy:
         first, last = min(accuracy), max(accuracy)
         console.note(

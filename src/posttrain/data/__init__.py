@@ -2,6 +2,7 @@
 
 Sources: generated arithmetic (`posttrain.data.arithmetic`), local JSONL/Parquet files and
 reasoning-gym tasks (`posttrain.data.sources`), public math datasets in their published formats
-(`posttrain.data.datasets`). Prompt templates: `posttrain.data.templates`; tokenization and the
+(`posttrain.data.datasets`), chat conversations for supervised fine-tuning and their
+assistant-only token masks (`posttrain.data.chat`). Prompt templates: `posttrain.data.templates`; tokenization and the
 resumable prompt iterator: `posttrain.data.prompts`. docs/data.md describes them all.
 """

@@ -189,16 +189,19 @@ def phase_peak_gib(device: torch.device) -> dict[str, float]:
     return {"peak": peak, "reserved": torch.cuda.memory_reserved(device) / 2**30}
 
 
-def check_nonfinite_streak(consecutive: int, limit: int, *, step: int, checkpoint_dir: Path) -> None:
-    """Raise `NonFiniteTrainingError` once `limit` optimizer steps in a row were skipped. Skipped
-    steps never change the weights, so every checkpoint on disk holds finite, usable ones."""
+def check_nonfinite_streak(
+    consecutive: int, limit: int, *, step: int, checkpoint_dir: Path, setting: str = "grpo.max_consecutive_nonfinite_steps"
+) -> None:
+    """Raise `NonFiniteTrainingError` once `limit` optimizer steps in a row were skipped (`setting`:
+    the recipe key of the limit, for the message). Skipped steps never change the weights, so every
+    checkpoint on disk holds finite, usable ones."""
     if consecutive < limit:
         return
     checkpoint = latest_checkpoint(checkpoint_dir)
     where = f"the latest checkpoint is {checkpoint}" if checkpoint is not None else "no checkpoint was saved yet"
     raise NonFiniteTrainingError(
         f"step {step}: the last {consecutive} optimizer steps had a non-finite loss or gradient norm and were "
-        f"skipped (grpo.max_consecutive_nonfinite_steps: {limit}), so the run stops. The weights never took a "
+        f"skipped ({setting}: {limit}), so the run stops. The weights never took a "
         f"non-finite update; {where}. Try a lower policy.optimizer.lr or policy.max_grad_norm, check the data and "
         "the environment's rewards for NaN/inf, or train with policy.precision: float32; `posttrain train` with "
         "the changed recipe resumes from the checkpoint with the new settings."
@@ -233,6 +236,8 @@ def run_grpo(cfg: RecipeConfig, *, console: Console, distributed: Distributed | 
     """The loop, in one process or (under torchrun) one per device: every rank generates its share
     of each step's prompts, all ranks see all groups, each trains on its share of the samples
     (FSDP2), and rank 0 logs."""
+    if cfg.algorithm != "grpo":
+        raise ValueError(f"run_grpo runs algorithm grpo; this recipe's algorithm is {cfg.algorithm} (posttrain.loops.sft.run_sft)")
     distributed = distributed or init_distributed()
     if distributed.enabled:
         check_distributed_recipe(cfg, distributed.world_size)

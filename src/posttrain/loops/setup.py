@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -80,8 +81,13 @@ class RunParts:
         self.engine.refresh_weights(self.model.named_parameters())
 
 
-def prepare_tiny_model(cfg: RecipeConfig, train_samples: list[Sample], out_dir: Path, *, template: str) -> Path:
-    """Train a tokenizer on the task's text and save a random-init tiny Gemma 4 (once per run dir).
+def prompt_corpus(samples: list[Sample], template: str) -> list[str]:
+    """The text of prompts and answers, for training a tiny model's tokenizer."""
+    return [render(template, s.prompt) + " " + str(s.ground_truth) for s in samples]
+
+
+def prepare_tiny_model(cfg: RecipeConfig, corpus: list[str], out_dir: Path) -> Path:
+    """Train a tokenizer on the task's text (`corpus`) and save a random-init tiny Gemma 4 (once per run dir).
 
     Written to a temporary directory and renamed into place, so a process killed mid-write never
     leaves a half-written model that every later resume would trip over."""
@@ -90,11 +96,7 @@ def prepare_tiny_model(cfg: RecipeConfig, train_samples: list[Sample], out_dir: 
     tmp_dir = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tiny = cfg.tiny_model
-    corpus = [
-        render(template, s.prompt) + " " + str(s.ground_truth)
-        for s in train_samples[: tiny.tokenizer_corpus_size]
-    ]
-    corpus += ["user model"]  # the chat template's role names
+    corpus = [*corpus, "user model"]  # the chat template's role names
     tokenizer = train_tokenizer(corpus, vocab_size=256 + 6 + tiny.vocab_size, multimodal=tiny.multimodal)
     if tiny.preset is not None:
         device = "cuda" if torch.cuda.is_available() else "cpu"  # initializing billions of weights on a CPU takes minutes
@@ -125,7 +127,7 @@ class LoadedData:
 
     template: str  # data.prompt_template, or the file data.prompt_template_file names
     train: list[Sample]
-    validation: list[Sample]  # the first grpo.max_val_samples
+    validation: list[Sample]  # the first max_val_samples of the algorithm's section
     skipped_rows: list[str]  # messages of the malformed rows skipped (data.on_bad_row: skip)
 
 
@@ -136,8 +138,53 @@ def load_data(cfg: RecipeConfig) -> LoadedData:
     train = load_samples(data.train, split="train", bad_rows=bad_rows)
     validation: list[Sample] = []
     if data.validation is not None:
-        validation = load_samples(data.validation, split="validation", bad_rows=bad_rows)[: cfg.grpo.max_val_samples]
+        max_val_samples = {"grpo": cfg.grpo, "sft": cfg.sft}[cfg.algorithm].max_val_samples
+        validation = load_samples(data.validation, split="validation", bad_rows=bad_rows)[:max_val_samples]
     return LoadedData(template=template, train=train, validation=validation, skipped_rows=bad_rows.skipped)
+
+
+def prepare_run_dir(cfg: RecipeConfig, distributed: Distributed) -> tuple[Path, Path]:
+    """The run directory (created, with the resolved recipe as config.yaml) and the checkpoint directory."""
+    log_dir = Path(cfg.logger.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main:
+        (log_dir / "config.yaml").write_text(dump_config(cfg))
+    return log_dir, Path(cfg.checkpointing.checkpoint_dir or log_dir / "checkpoints")
+
+
+def model_directory(
+    cfg: RecipeConfig,
+    train_samples: list[Sample],
+    log_dir: Path,
+    distributed: Distributed,
+    *,
+    corpus_of: Callable[[list[Sample]], list[str]],
+) -> Path:
+    """The checkpoint the policy loads from: policy.model_name, or the run's tiny model, built
+    once (by rank 0) with a tokenizer trained on `corpus_of(the first training samples)`."""
+    if cfg.policy.model_name:
+        return Path(cfg.policy.model_name)
+    model_dir = log_dir / "init_model"
+    if distributed.is_main:
+        prepare_tiny_model(cfg, corpus_of(train_samples[: cfg.tiny_model.tokenizer_corpus_size]), model_dir)
+    barrier(distributed)
+    return model_dir
+
+
+def load_trainable_policy(
+    cfg: RecipeConfig, model_dir: Path, console: Console, distributed: Distributed
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, str]:
+    """The policy on its device (frozen parts and activation checkpointing as the recipe says),
+    its tokenizer, and the device."""
+    device = cfg.policy.device if cfg.policy.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and distributed.enabled:
+        device = f"cuda:{torch.cuda.current_device()}"  # init_distributed set this rank's device
+    trust = cfg.policy.trust_remote_code
+    model = load_policy(model_dir, text_only=cfg.policy.text_only, trust_remote_code=trust).to(device)
+    console.note(apply_freeze_config(model, cfg.policy.freeze_config).describe())
+    if cfg.policy.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    return model, load_tokenizer(model_dir, trust_remote_code=trust), device
 
 
 def tokenize_data(
@@ -219,30 +266,13 @@ def build_run(cfg: RecipeConfig, *, console: Console, distributed: Distributed |
     """Everything a run needs. Under torchrun every rank builds the same parts (rank 0 writes the
     run directory's files; the others wait for them) on its own device."""
     distributed = distributed or Distributed()
-    log_dir = Path(cfg.logger.log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main:
-        (log_dir / "config.yaml").write_text(dump_config(cfg))
-    checkpoint_dir = Path(cfg.checkpointing.checkpoint_dir or log_dir / "checkpoints")
+    log_dir, checkpoint_dir = prepare_run_dir(cfg, distributed)
     torch.manual_seed(cfg.grpo.seed)
 
     data = load_data(cfg)
-    if cfg.policy.model_name:
-        model_dir = Path(cfg.policy.model_name)
-    else:
-        model_dir = log_dir / "init_model"
-        if distributed.is_main:
-            prepare_tiny_model(cfg, data.train, model_dir, template=data.template)
-        barrier(distributed)
-    device = cfg.policy.device if cfg.policy.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and distributed.enabled:
-        device = f"cuda:{torch.cuda.current_device()}"  # init_distributed set this rank's device
+    model_dir = model_directory(cfg, data.train, log_dir, distributed, corpus_of=partial(prompt_corpus, template=data.template))
+    model, tokenizer, device = load_trainable_policy(cfg, model_dir, console, distributed)
     trust = cfg.policy.trust_remote_code
-    model = load_policy(model_dir, text_only=cfg.policy.text_only, trust_remote_code=trust).to(device)
-    console.note(apply_freeze_config(model, cfg.policy.freeze_config).describe())
-    if cfg.policy.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust)
     with_images = any(s.images for s in (*data.train, *data.validation))
     if with_images:
         check_image_recipe(cfg, model)

@@ -32,7 +32,15 @@ import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from posttrain.config.loader import ConfigError, load_config
-from posttrain.config.schema import DatasetSource, FileSource, PolicyConfig, RecipeConfig, ShapesSource, TinyModelConfig
+from posttrain.config.schema import (
+    ChatSource,
+    DatasetSource,
+    FileSource,
+    PolicyConfig,
+    RecipeConfig,
+    ShapesSource,
+    TinyModelConfig,
+)
 from posttrain.data.datasets import DATASETS
 from posttrain.models.blocked_attention import DEFAULT_BLOCK as ATTENTION_BLOCK
 from posttrain.models.chunked_logprobs import default_chunk_tokens
@@ -287,7 +295,7 @@ def validation_prompt_count(cfg: RecipeConfig) -> int:
     grpo, source = cfg.grpo, cfg.data.validation
     if source is None or not (grpo.val_period or grpo.val_at_start or grpo.val_at_end):
         return 0
-    if isinstance(source, FileSource | DatasetSource):
+    if isinstance(source, FileSource | DatasetSource | ChatSource):
         size = source.limit or cfg.policy.generation.max_batch_size
     else:
         size = source.size
@@ -689,6 +697,8 @@ def plan_from_inventory(
     gradients appear at the end of backward, when most activations are already freed."""
     t = trainer_bytes(cfg, inventory, gpus)
     e = engine_bytes(cfg, inventory, gpus, backend=backend, images=images)
+    if cfg.algorithm != "grpo":  # SFT generates nothing: no engine, no KV cache, no generation phase
+        e = dict.fromkeys(e, 0)
     activations = t["activations_checkpointed"] if cfg.policy.activation_checkpointing else t["activations_full"]
     resident = t["parameters"] + t["optimizer_state"] + t["reference_policy"]
     engine_held = e["engine_weights"] + e["kv_cache"] + e["engine_logits"]

@@ -1,10 +1,11 @@
 """The policy trainer: fp32 master weights, autocast compute, micro-batching, one normalization.
 
 The trainer does not know which algorithm it runs: it takes a `TrainBatch` (tokens, loss mask,
-advantages, generator logprobs) and the loss config, and owns the only place where the loss is
-normalized: each optimizer step's token (or sequence) count over the whole step's samples is
-computed once and handed to every micro-batch's loss, so accumulation over micro-batches gives
-exactly the full-batch loss and gradient whatever the micro-batch size.
+advantages, generator logprobs) and the loss config (`train`), or a `SupervisedBatch` of
+conversations (`sft_step`), and owns the only place where the loss is normalized: each optimizer
+step's token (or sequence) count over the whole step's samples is computed once and handed to
+every micro-batch's loss, so accumulation over micro-batches gives exactly the full-batch loss and
+gradient whatever the micro-batch size. Both steps end in the same clip / update / skip.
 
 A step whose loss or gradient norm is not finite is skipped whole: no backward after the
 non-finite loss, gradients zeroed, no optimizer update (weights and Adam moments stay bit for
