@@ -21,9 +21,12 @@ from pathlib import Path
 from transformers import AutoTokenizer, Gemma4ImageProcessorPil, Gemma4Processor
 from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
 
+from posttrain.models.processor_without_video import without_video
 
-class Gemma4ProcessorWithoutVideo(Gemma4Processor):
-    """transformers' `Gemma4Processor` with `video_processor=None`, buildable without torchvision.
+
+class Gemma4ProcessorWithoutVideo(without_video(Gemma4Processor)):
+    """transformers' `Gemma4Processor` with `video_processor=None` (`without_video`), buildable
+    without torchvision, saved in a released checkpoint's layout.
 
     Without torchvision, transformers 5.24 cannot build a `Gemma4Processor` at all:
     `ProcessorMixin.__init__` type-checks every sub-processor, and looking up
@@ -34,11 +37,6 @@ class Gemma4ProcessorWithoutVideo(Gemma4Processor):
     images and audio go through transformers' own Gemma4Processor code. Videos are refused.
     `tests/unit/test_tiny_variants.py` has tripwires that fail once plain transformers can do this.
     """
-
-    def check_argument_for_proper_class(self, argument_name, argument):
-        if argument_name == "video_processor" and argument is None:
-            return None
-        return super().check_argument_for_proper_class(argument_name, argument)
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
         if videos is not None:

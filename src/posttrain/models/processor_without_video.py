@@ -61,7 +61,7 @@ def load_processor_without_video(path: str | Path) -> ProcessorMixin:
     """A checkpoint's processor: AutoProcessor with torchvision, else its class without video."""
     path = Path(path)
     if is_torchvision_available():
-        return AutoProcessor.from_pretrained(path)
+        return AutoProcessor.from_pretrained(path, trust_remote_code=False)  # a family's own classes: no checkpoint code
     names = [json.loads(p.read_text()).get("processor_class") for p in (path / PROCESSOR_CONFIG, path / "preprocessor_config.json") if p.exists()]
     name = next((n for n in names if n), None)
     if name is None or not hasattr(transformers, name):
@@ -70,5 +70,9 @@ def load_processor_without_video(path: str | Path) -> ProcessorMixin:
     # the class the image processor was saved as (older transformers' AutoImageProcessor wants torchvision)
     image_config = json.loads((path / "preprocessor_config.json").read_text())
     image_class = getattr(transformers, image_config.get("image_processor_type", ""), None)
-    image_processor = image_class.from_pretrained(path) if image_class is not None else AutoImageProcessor.from_pretrained(path)
+    image_processor = (
+        image_class.from_pretrained(path, trust_remote_code=False)
+        if image_class is not None
+        else AutoImageProcessor.from_pretrained(path, trust_remote_code=False)
+    )
     return build_without_video(getattr(transformers, name), image_processor, tokenizer)
