@@ -250,6 +250,16 @@ class TinyModelConfig(Section):
         None, ge=1, description="With preset: keep only its first layers (each at its real shape), to fit one GPU."
     )
 
+    def dimensions(self) -> dict[str, int]:
+        """The keyword arguments of `tiny_gemma4_config` (and `save_tiny_gemma4`) these settings give."""
+        names = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
+        return {name: getattr(self, name) for name in names}
+
+    def tokenizer_vocab_size(self) -> int:
+        """What the BPE trainer is asked for: 256 bytes + 6 special tokens + the merges (a small
+        corpus may give fewer)."""
+        return 256 + 6 + self.vocab_size
+
     @model_validator(mode="after")
     def heads_divide(self) -> TinyModelConfig:
         if self.preset_layers is not None and self.preset is None:

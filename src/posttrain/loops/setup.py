@@ -97,7 +97,7 @@ def prepare_tiny_model(cfg: RecipeConfig, corpus: list[str], out_dir: Path) -> P
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tiny = cfg.tiny_model
     corpus = [*corpus, "user model"]  # the chat template's role names
-    tokenizer = train_tokenizer(corpus, vocab_size=256 + 6 + tiny.vocab_size, multimodal=tiny.multimodal)
+    tokenizer = train_tokenizer(corpus, vocab_size=tiny.tokenizer_vocab_size(), multimodal=tiny.multimodal)
     if tiny.preset is not None:
         device = "cuda" if torch.cuda.is_available() else "cpu"  # initializing billions of weights on a CPU takes minutes
         save_random_preset(
@@ -105,18 +105,7 @@ def prepare_tiny_model(cfg: RecipeConfig, corpus: list[str], out_dir: Path) -> P
         )
         os.replace(tmp_dir, out_dir)
         return out_dir
-    save_tiny_gemma4(
-        tmp_dir,
-        tokenizer,
-        seed=tiny.seed,
-        multimodal=tiny.multimodal,
-        hidden_size=tiny.hidden_size,
-        num_hidden_layers=tiny.num_hidden_layers,
-        num_attention_heads=tiny.num_attention_heads,
-        num_key_value_heads=tiny.num_key_value_heads,
-        head_dim=tiny.head_dim,
-        intermediate_size=tiny.intermediate_size,
-    )
+    save_tiny_gemma4(tmp_dir, tokenizer, seed=tiny.seed, multimodal=tiny.multimodal, **tiny.dimensions())
     os.replace(tmp_dir, out_dir)
     return out_dir
 
@@ -199,9 +188,7 @@ def tokenize_data(
     else:
         tokenize = partial(tokenize_prompts, tokenizer=tokenizer, template=data.template, max_prompt_tokens=max_prompt)
     train, val = tokenize(data.train), tokenize(data.validation)
-    if data.skipped_rows:
-        first = "; ".join(data.skipped_rows[:3])
-        console.note(f"data: skipped {len(data.skipped_rows)} malformed rows (data.on_bad_row: skip), first: {first}")
+    note_skipped_rows(data, console)
     dropped = train.dropped + val.dropped
     if dropped:
         console.note(
@@ -216,6 +203,12 @@ def tokenize_data(
         "data/skipped_bad_rows": float(len(data.skipped_rows)),
     }
     return train.prompts, val.prompts, metrics
+
+
+def note_skipped_rows(data: LoadedData, console: Console) -> None:
+    if data.skipped_rows:
+        first = "; ".join(data.skipped_rows[:3])
+        console.note(f"data: skipped {len(data.skipped_rows)} malformed rows (data.on_bad_row: skip), first: {first}")
 
 
 def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:

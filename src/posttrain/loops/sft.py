@@ -36,6 +36,7 @@ from posttrain.loops.setup import (
     load_data,
     load_trainable_policy,
     model_directory,
+    note_skipped_rows,
     prepare_run_dir,
 )
 from posttrain.metrics.console import Console
@@ -138,9 +139,7 @@ def tokenize_sft_data(
     max_tokens = cfg.policy.max_total_sequence_length
     tokenize = partial(tokenize_conversations, tokenizer=tokenizer, max_tokens=max_tokens, end_of_turn_id=end_of_turn_id(tokenizer))
     train, validation = tokenize(data.train), tokenize(data.validation)
-    if data.skipped_rows:
-        first = "; ".join(data.skipped_rows[:3])
-        console.note(f"data: skipped {len(data.skipped_rows)} malformed rows (data.on_bad_row: skip), first: {first}")
+    note_skipped_rows(data, console)
     dropped = train.dropped + validation.dropped
     if dropped:
         console.note(

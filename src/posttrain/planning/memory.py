@@ -39,7 +39,6 @@ from posttrain.config.schema import (
     PolicyConfig,
     RecipeConfig,
     ShapesSource,
-    TinyModelConfig,
 )
 from posttrain.data.datasets import DATASETS
 from posttrain.models.blocked_attention import DEFAULT_BLOCK as ATTENTION_BLOCK
@@ -244,12 +243,6 @@ def model_inventory(config: PretrainedConfig, policy: PolicyConfig) -> ModelInve
     )
 
 
-def tiny_vocab_size(tiny: TinyModelConfig) -> int:
-    """The tiny model's vocabulary as prepare_tiny_model asks the BPE trainer for it (256 bytes + 6
-    special tokens + the merges); a small corpus may give fewer, so this is an upper bound."""
-    return 256 + 6 + tiny.vocab_size
-
-
 def recipe_model_config(cfg: RecipeConfig) -> PretrainedConfig:
     """The policy's config as the run builds it: the tiny model's (save_tiny_gemma4's arguments), a
     random-init preset's (`tiny_model.preset`), or the checkpoint's config.json (no weights read)."""
@@ -257,15 +250,7 @@ def recipe_model_config(cfg: RecipeConfig) -> PretrainedConfig:
     if tiny is not None and tiny.preset is not None:  # save_random_preset: the released shape, maybe cut
         return gemma4_preset_config(tiny.preset, text_only=not tiny.multimodal, num_hidden_layers=tiny.preset_layers)
     if tiny is not None:
-        text_config = tiny_gemma4_config(
-            tiny_vocab_size(tiny),
-            hidden_size=tiny.hidden_size,
-            num_hidden_layers=tiny.num_hidden_layers,
-            num_attention_heads=tiny.num_attention_heads,
-            num_key_value_heads=tiny.num_key_value_heads,
-            head_dim=tiny.head_dim,
-            intermediate_size=tiny.intermediate_size,
-        )
+        text_config = tiny_gemma4_config(tiny.tokenizer_vocab_size(), **tiny.dimensions())
         return tiny_gemma4_multimodal_config(text_config) if tiny.multimodal else text_config
     trust = cfg.policy.trust_remote_code
     if not (Path(cfg.policy.model_name) / "config.json").is_file():
