@@ -181,6 +181,7 @@ class ContinuousBatchingEngine:
         self.cache: SlotKVCache | None = None
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
+        self._capture_stream: torch.cuda.Stream | None = None
         self.last_stats = GenerateStats()
 
     # ----- weights -----
@@ -325,9 +326,15 @@ class ContinuousBatchingEngine:
         graph.replay()
 
     def _capture(self, rows: int, key_length: int) -> torch.cuda.CUDAGraph:
-        """Warm up on a side stream, then capture. Re-running a decode step is harmless: it writes
-        the same K/V at the same positions and the same logits."""
-        stream = torch.cuda.Stream()
+        """Warm up on a side stream, then capture on it. Re-running a decode step is harmless: it
+        writes the same K/V at the same positions and the same logits.
+
+        One side stream for the engine's life: cuBLAS keeps a workspace (32 MiB on Hopper) per
+        stream it has seen and never frees it, so a new stream per capture leaks that much for
+        every recapture (after each release_weights, say)."""
+        if self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream()
+        stream = self._capture_stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
@@ -336,7 +343,7 @@ class ContinuousBatchingEngine:
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        with torch.cuda.graph(graph, pool=self._graph_pool, stream=stream):
             self._decode_step(rows, key_length)
         self._graphs[(rows, key_length)] = graph
         self.last_stats.graphs_captured += 1
