@@ -101,7 +101,7 @@ def recipe(checkpoint: Path, log_dir: Path, args, on_gpu: bool) -> dict:
                 "temperature": 1.0,
                 "max_new_tokens": args.new_tokens,
                 "stop_token_ids": [],  # every response is max_new_tokens long
-                "release_weights_during_training": args.release_weights,
+                **({} if args.release_weights is None else {"release_weights_during_training": args.release_weights}),
             },
         },
         "data": {"train": SHAPES if args.images else ARITHMETIC},
@@ -216,7 +216,12 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, default=None, help="a one-process result to put beside this one")
     parser.add_argument("--images", action="store_true", help="the multimodal preset on rendered images (a VLM GRPO step)")
     parser.add_argument("--optimizer-offload", action="store_true", help="policy.optimizer_offload (E4B's fp32 AdamW state)")
-    parser.add_argument("--release-weights", action="store_true", help="policy.generation.release_weights_during_training")
+    parser.add_argument(
+        "--release-weights",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="policy.generation.release_weights_during_training (default: the config's default)",
+    )
     parser.add_argument("--trl", action="store_true", help="also TRL's GRPOTrainer on the same workload (one process)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

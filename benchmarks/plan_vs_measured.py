@@ -29,8 +29,9 @@ def measured_runs() -> list[tuple[str, dict, dict]]:
     """(name, dapo_step.py options, the run's result) of every committed one-GPU E2B run."""
     development = json.loads((RESULTS / "dapo_step-h200-development.json").read_text())["runs"]
     runs = [(name, {"micro_batch": int(name.rsplit("-", 1)[1])}, run["result"]) for name, run in development.items() if "micro-batch" in name]
-    release = json.loads((RESULTS / "dapo_step-h200.json").read_text())
-    runs.append((f"{release['commit']}-release-weights", {"micro_batch": 16, "release_weights": True}, release))
+    runs += [(name, {"release_weights": True}, run["result"]) for name, run in development.items() if name.endswith("release-weights")]
+    latest = json.loads((RESULTS / "dapo_step-h200.json").read_text())
+    runs.append((latest["commit"], {"release_weights": latest["release_weights_during_training"]}, latest))
     return runs
 
 
