@@ -73,6 +73,9 @@ def test_cli_validate_and_train_tiny_grpo_recipe(tmp_path, capsys):
     out = tmp_path / "grpo"
     overrides = [f"logger.log_dir={out}", "logger.progress=false", "warm_start.num_steps=5", "grpo.max_num_steps=2"]
     assert main(["train", str(recipe), *overrides]) == 0
+    printed = capsys.readouterr().out  # not a terminal: plain lines, one per step, no ANSI escapes
+    assert [line.split()[1] for line in printed.splitlines() if line.startswith("step ")] == ["0/2", "1/2", "2/2"]
+    assert "\x1b" not in printed and "done in" in printed
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "step_2" / "model.safetensors").is_file()

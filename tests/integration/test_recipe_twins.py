@@ -16,7 +16,7 @@ TWINS = sorted((RECIPES_ROOT / "tiny").glob("*-it-tiny.yaml")) + sorted((RECIPES
 
 
 def test_there_is_a_twin_per_real_recipe():
-    assert len(TWINS) == 5  # the DAPO E2B, 26B-A4B and 31B twins, SFT E2B, and the VLM one
+    assert len(TWINS) == 6  # the DAPO E2B, 26B-A4B and 31B twins, SFT E2B, DPO E2B, and the VLM one
 
 
 @pytest.mark.parametrize("twin", TWINS, ids=lambda p: p.stem)

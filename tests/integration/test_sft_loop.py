@@ -4,6 +4,7 @@ uninterrupted run's steps exactly."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def _config(run_dir: Path, *overrides: str) -> RecipeConfig:
 def test_tiny_twin_learns_and_passes_its_gates(tmp_path, capsys):
     result = run_sft(_config(tmp_path / "run"), console=Console(enabled=False))
     records = read_metrics(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "environment.json").read_text())["world_size"] == 1
     train = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in train] == list(range(1, 61))
     losses = [r["train/loss"] for r in train]

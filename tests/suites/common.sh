@@ -1,9 +1,10 @@
 # Shared by every launcher (tests/suites/*/*.sh): train RECIPE for STEPS steps into RUN_DIR, then
 # evaluate the recipe's metric gates with `posttrain check`. A launcher sets NUM_NODES,
 # GPUS_PER_NODE, NUM_MINUTES (its wall-clock budget, also what budget.py counts), STEPS (empty: the
-# recipe's own), STEPS_KEY (the key STEPS sets; unset: grpo.max_num_steps, sft recipes set
-# sft.max_num_steps) and RECIPE (relative to recipes/), then sources this file. Arguments go to
-# `posttrain train` as overrides: the real-shape recipes need the user's checkpoint and data,
+# recipe's own), STEPS_KEY (the key STEPS sets; unset: grpo.max_num_steps, sft and dpo recipes set
+# sft.max_num_steps, dpo.max_num_steps) and RECIPE (relative to recipes/), then sources this file.
+# Arguments go to `posttrain train` as overrides: the real-shape recipes need the user's checkpoint
+# and data,
 #   tests/suites/llm/dapo-gemma4-e2b-it-1n8g-fsdp2.sh policy.model_name=/ckpt/gemma-4-e2b-it \
 #       data.train.path=/data/DAPO-Math-17k data.validation.path=/data/AIME_2024
 # Several nodes: run the launcher on each node with NODE_RANK and RDZV_ENDPOINT (host:port of

@@ -294,7 +294,7 @@ def _error(mutate) -> str:
         # clearer wording than pydantic's
         (lambda r: r.update(policy="mapping"), "  policy: must be a mapping of keys to values (got 'mapping')"),
         (lambda r: r["data"].update(validation={"size": 3}),
-         "  data.validation: needs a 'type' key that says which kind of section it is: one of 'arithmetic', 'arithmetic_chat', 'chat', 'dataset', 'file', 'reasoning_gym'"),
+         "  data.validation: needs a 'type' key that says which kind of section it is: one of 'arithmetic', 'arithmetic_chat', 'arithmetic_preferences', 'chat', 'dataset', 'file', 'preferences', 'reasoning_gym'"),
         (lambda r: r.update(WARM_START=r.pop("warm_start")), "  WARM_START: unknown key; did you mean 'warm_start'?"),
         (lambda r: r["data"]["train"].update(type="multi\nline"),  # pydantic's message held the raw tag
          "  data.train: unknown 'type' 'multi\\nline'; expected one of 'arithmetic', 'shapes', 'reasoning_gym', 'file', 'dataset'"),

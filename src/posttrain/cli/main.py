@@ -1,4 +1,4 @@
-"""The `posttrain` command: quickstart, train, validate, export, check, plan."""
+"""The `posttrain` command: quickstart, train, validate, export, check, report, compare, plan."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ QUICKSTART_RECIPE = RECIPES_DIR / "quickstart.yaml"
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="posttrain", description="RL post-training (GRPO, DAPO) for Gemma 4 and friends.")
+    root = argparse.ArgumentParser(prog="posttrain", description="RL post-training (GRPO, DAPO; SFT, DPO) for Gemma 4 and friends.")
     commands = root.add_subparsers(dest="command", required=True)
 
     quick = commands.add_parser("quickstart", help="Tiny Gemma 4, warm start, then DAPO on max(a, b) problems: CPU, no downloads.")
@@ -37,6 +37,15 @@ def parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="Evaluate a run's metric gates (its recipe's `gates`) over its metrics.jsonl.")
     check.add_argument("run_dir", metavar="RUN_DIR", help="A run directory (config.yaml, metrics.jsonl).")
     check.add_argument("--gate", action="append", default=[], help="Another gate, e.g. 'median(train/token_mult_prob_error) < 1.05'.")
+
+    report = commands.add_parser("report", help="Plot a run's metrics (PNGs) and write a one-page summary.md.")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="A run directory (metrics.jsonl, config.yaml).")
+    report.add_argument("--out", help="Output directory (default: RUN_DIR/report).")
+
+    compare = commands.add_parser("compare", help="Overlay two runs' metrics (PNGs) and write compare.md.")
+    compare.add_argument("run_a", metavar="RUN_A", help="A run directory.")
+    compare.add_argument("run_b", metavar="RUN_B", help="Another run directory.")
+    compare.add_argument("--out", help="Output directory (default: ./compare-<RUN_A>-vs-<RUN_B>).")
 
     plan = commands.add_parser("plan", help="Estimate a recipe's GPU memory per GPU and the fewest GPUs that fit.")
     plan.add_argument("recipe", help="Path to a YAML recipe.")
@@ -58,22 +67,24 @@ def run(cfg: RecipeConfig) -> int:
     from posttrain.algorithms.dynamic_sampling import DynamicSamplingExhausted
     from posttrain.checkpoint.store import CheckpointOptimizerMismatchError
     from posttrain.data.sources import DataError
+    from posttrain.loops.dpo import NotADPOCheckpointError, run_dpo
     from posttrain.loops.grpo import DistributedRecipeError, run_grpo
     from posttrain.loops.sft import NotAnSFTCheckpointError, run_sft
     from posttrain.metrics.console import Console
+    from posttrain.metrics.sinks import LoggerPackageError
     from posttrain.models.freezing import FreezeConfigError
     from posttrain.models.loading import CheckpointMismatchError, CheckpointNotFoundError, RemoteCodeError
     from posttrain.training.trainer import MasterWeightsError, NonFiniteTrainingError
 
     transformers_logging.disable_progress_bar()  # posttrain shows its own progress
     is_main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
-    console = Console(enabled=cfg.logger.progress and is_main_rank)
+    console = Console(enabled=is_main_rank, live=cfg.logger.progress)  # live bars on a terminal only
     warning = unfit_warning(cfg)
     if warning and is_main_rank:
         print(f"warning: {warning}", file=sys.stderr)
     start = time.perf_counter()
     try:
-        result = {"grpo": run_grpo, "sft": run_sft}[cfg.algorithm](cfg, console=console)
+        result = {"grpo": run_grpo, "sft": run_sft, "dpo": run_dpo}[cfg.algorithm](cfg, console=console)
     except (
         DataError,
         CheckpointMismatchError,
@@ -86,6 +97,8 @@ def run(cfg: RecipeConfig) -> int:
         NonFiniteTrainingError,
         DistributedRecipeError,
         NotAnSFTCheckpointError,
+        NotADPOCheckpointError,
+        LoggerPackageError,
     ) as error:
         # Problems with the user's data, checkpoint or settings: the message says what to do, a
         # traceback would only bury it. Checkpoints written so far stay usable for a resume.
@@ -97,6 +110,10 @@ def run(cfg: RecipeConfig) -> int:
     if losses:
         first, last = min(losses), max(losses)
         console.note(f"validation/loss: {losses[first]:.3f} at step {first} -> {losses[last]:.3f} at step {last}")
+    preference = getattr(result, "validation_preference_accuracy", None)  # DPO
+    if preference:
+        first, last = min(preference), max(preference)
+        console.note(f"validation/rewards/accuracy: {preference[first]:.3f} at step {first} -> {preference[last]:.3f} at step {last}")
     accuracy = getattr(result, "validation_accuracy", None)
     if accuracy:
         first, last = min(accuracy), max(accuracy)
@@ -144,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         from posttrain.metrics.gates import check_run
 
         return check_run(args.run_dir, args.gate)
+    if args.command == "report":
+        from posttrain.metrics.report import report_run
+
+        return report_run(args.run_dir, args.out)
+    if args.command == "compare":
+        from posttrain.metrics.report import compare_runs
+
+        return compare_runs(args.run_a, args.run_b, args.out)
     if args.command == "plan":
         from posttrain.planning.memory import plan_command
 
@@ -162,8 +187,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.command == "validate":
+        from posttrain.metrics.sinks import LoggerPackageError, check_logger_packages
+
         print(dump_config(cfg), end="")
         print(f"# {args.recipe}: valid", file=sys.stderr)
+        try:
+            check_logger_packages(cfg.logger)
+        except LoggerPackageError as error:  # the recipe is valid; this machine cannot run it as it is
+            print(f"# warning: {error}", file=sys.stderr)
         return 0
     return run(cfg)
 

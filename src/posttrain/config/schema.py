@@ -76,12 +76,12 @@ class GenerationConfig(Section):
     )
     max_batch_size: int = Field(256, ge=1, description="Sequences decoded together.")
     release_weights_during_training: bool = Field(
-        False,
+        True,
         description=(
             "continuous engine: free its own weight copies (bf16 matmul weights under bfloat16_autocast; 3.5 GiB "
             "for E2B) while the trainer runs, and allocate them again at the refresh, which overwrites them anyway. "
-            "Costs a CUDA-graph recapture when they come back at another address. Off by default: in its one "
-            "E2B measurement allocated memory grew 96 MiB per step (docs/benchmarks.md)."
+            "Costs a CUDA-graph recapture when they come back at another address (E2B on an H200: the same step "
+            "time either way, 4.2 GiB lower peak; docs/benchmarks.md)."
         ),
     )
 
@@ -130,8 +130,12 @@ class PolicyConfig(Section):
     precision: Literal["float32", "bfloat16"] = Field(
         "bfloat16", description="Compute dtype of forward/backward (autocast). Master weights are always fp32."
     )
-    train_global_batch_size: int = Field(512, ge=1, description="Samples per optimizer step.")
-    train_micro_batch_size: int = Field(1, ge=1, description="Samples per forward/backward pass.")
+    train_global_batch_size: int = Field(
+        512, ge=1, description="Samples per optimizer step (sft: conversations; dpo: preference pairs, two sequences each)."
+    )
+    train_micro_batch_size: int = Field(
+        1, ge=1, description="Samples per forward/backward pass (dpo: pairs; a pair's two sequences share a pass)."
+    )
     logprob_batch_size: int | None = Field(None, ge=1, description="Samples per no-grad logprob pass; null: micro batch size.")
     train_micro_batch_tokens: int | None = Field(
         None,
@@ -196,7 +200,8 @@ class PolicyConfig(Section):
         ge=2,
         description=(
             "Prompt + response tokens; prompts longer than this minus generation.max_new_tokens are dropped (counted). "
-            "sft: conversations longer than this are dropped (counted), never truncated."
+            "sft: conversations longer than this are dropped (counted), never truncated; dpo: the same for pairs with "
+            "a longer prompt + response."
         ),
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm (null: no clipping). The pre-clip norm is logged.")
@@ -409,19 +414,85 @@ class ArithmeticChatSource(Section):
     max_value: int = Field(99, ge=1, description="Integers are drawn from [0, max_value].")
 
 
+class PreferenceSource(Section):
+    """Preference pairs for DPO: rows holding a prompt, a chosen and a rejected response (the common
+    Hugging Face layouts; docs/data.md)."""
+
+    type: Literal["preferences"] = Field(description="Selects this source.")
+    path: str = Field(
+        description=(
+            "A local .jsonl/.json or .parquet file; or a local directory of such files, or a hub id, read with "
+            "datasets.load_dataset(path, split=split) (the hub needs network access). Relative to the working directory."
+        )
+    )
+    prompt_key: str | None = Field(
+        "prompt",
+        description=(
+            "Column holding the prompt: a string (the user message) or a list of {role, content} messages ending in a "
+            "user turn. null: the rows have no prompt column and chosen and rejected are whole conversations sharing "
+            "everything but their last (assistant) message. Dotted keys descend as in `type: file`."
+        ),
+    )
+    chosen_key: str = Field(
+        "chosen", description="Column holding the preferred response: a string or a list with one assistant message."
+    )
+    rejected_key: str = Field(
+        "rejected", description="Column holding the dispreferred response: a string or a list with one assistant message."
+    )
+    split: str | None = Field(
+        None, description="Split read from a directory or the hub; null: train. Leave null when path is a file."
+    )
+    limit: int | None = Field(None, ge=1, description="Use only the first rows.")
+
+
+class ArithmeticPreferenceSource(Section):
+    """Procedurally generated preference pairs on arithmetic prompts (chosen: the right answer,
+    rejected: a wrong one), for DPO on CPU."""
+
+    type: Literal["arithmetic_preferences"] = Field(description="Selects this source.")
+    size: int = Field(ge=1, description="Number of pairs.")
+    seed: int = Field(0, description="Generator seed; train and validation never share an expression.")
+    num_terms: int = Field(2, ge=2, description="Integers per expression.")
+    max_value: int = Field(99, ge=1, description="Integers are drawn from [0, max_value].")
+    operation: Literal["sum", "max"] = Field(
+        "max",
+        description=(
+            'The prompt "Compute max(37, 48)." (rejected: the smallest term, 37) or "Compute 37+48." (rejected: the sum '
+            "off by 1 to 10)."
+        ),
+    )
+
+
 PromptSource = Annotated[
-    ArithmeticSource | ShapesSource | ReasoningGymSource | FileSource | DatasetSource | ChatSource | ArithmeticChatSource,
+    ArithmeticSource
+    | ShapesSource
+    | ReasoningGymSource
+    | FileSource
+    | DatasetSource
+    | ChatSource
+    | ArithmeticChatSource
+    | PreferenceSource
+    | ArithmeticPreferenceSource,
     Field(discriminator="type"),
 ]
-CHAT_SOURCES = (ChatSource, ArithmeticChatSource)  # conversations, for algorithm sft; the others hold prompts
+CHAT_SOURCES = (ChatSource, ArithmeticChatSource)  # conversations, for algorithm sft
+PREFERENCE_SOURCES = (PreferenceSource, ArithmeticPreferenceSource)  # preference pairs, for algorithm dpo
+SOURCES_OF = {"sft": CHAT_SOURCES, "dpo": PREFERENCE_SOURCES}  # the others hold prompts, for grpo
 
 
 class DataConfig(Section):
     train: PromptSource = Field(
-        description="Where training prompts (grpo) or conversations (sft: chat, arithmetic_chat) come from (a source with a `type`)."
+        description=(
+            "Where training prompts (grpo), conversations (sft: chat, arithmetic_chat) or preference pairs (dpo: "
+            "preferences, arithmetic_preferences) come from (a source with a `type`)."
+        )
     )
     validation: PromptSource | None = Field(
-        None, description="Held-out prompts (validation/accuracy) or conversations (validation/loss); null: no validation."
+        None,
+        description=(
+            "Held-out prompts (validation/accuracy), conversations (validation/loss) or preference pairs "
+            "(validation/rewards/accuracy); null: no validation."
+        ),
     )
     prompt_template: str = Field(
         "{prompt}",
@@ -441,7 +512,9 @@ class DataConfig(Section):
         "error",
         description="A malformed data row: error naming its file and row, or skip it (counted as data/skipped_bad_rows).",
     )
-    shuffle: bool = Field(True, description="Reshuffle training prompts every epoch (seeded by grpo.seed, or sft.seed).")
+    shuffle: bool = Field(
+        True, description="Reshuffle training prompts every epoch (seeded by grpo.seed, sft.seed or dpo.seed)."
+    )
 
     @model_validator(mode="after")
     def template_has_prompt(self) -> DataConfig:
@@ -567,10 +640,13 @@ class GRPOConfig(Section):
 
 
 class WarmStartConfig(Section):
-    """A short supervised phase on solved training prompts before RL (teacher-forced cross-entropy on the answer)."""
+    """A short supervised phase before RL: SFT steps on solved training prompts (loss on the answer), own AdamW.
+
+    The warm start's AdamW is discarded before RL: RL starts with fresh moments (loops/warm_start.py).
+    """
 
     enabled: bool = Field(False, description="Run the warm start before RL (skipped when resuming).")
-    num_steps: int = Field(100, ge=1, description="AdamW steps.")
+    num_steps: int = Field(100, ge=1, description="AdamW steps (gradients clipped at norm 1, no weight decay).")
     batch_size: int = Field(64, ge=1, description="Prompts per step, drawn from the training data.")
     lr: float = Field(1e-3, gt=0, description="Constant learning rate.")
     label_noise: float = Field(
@@ -621,14 +697,134 @@ class SFTConfig(Section):
     )
 
 
+# ------------------------------------------------------------------------------------------ dpo
+
+
+class DPOConfig(Section):
+    """Direct preference optimization (algorithm: dpo; Rafailov et al. 2023) on preference pairs.
+
+    Per pair, with sequence logprobs summed over the response tokens (response and end-of-turn
+    token, at temperature 1) under the policy (pc, pr) and under the initial policy (rc, rr, the
+    reference, computed once before training):
+        loss = -log sigmoid(beta ((pc - rc) - (pr - rr)))   averaged over the global batch's pairs
+             + sft_weight * (-(pc summed over the pairs) / (chosen tokens of the global batch))
+    Both denominators are counted over the whole global batch and every rank, so micro-batch size,
+    packing and the number of processes change neither loss nor gradient.
+    """
+
+    beta: float = Field(
+        0.1, gt=0, description="Inverse temperature of the implicit reward beta (logpi - logpi_ref): higher keeps closer to the reference."
+    )
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "Weight of an added NLL term on the chosen responses, per chosen token (RPO-style regularizer that keeps "
+            "the chosen responses likely); 0: pure DPO."
+        ),
+    )
+    max_num_steps: int = Field(1000, ge=1, description="Optimizer steps of policy.train_global_batch_size pairs each.")
+    max_num_epochs: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Also stop after this many passes over the training pairs, when that comes first. An epoch is "
+            "floor(pairs / train_global_batch_size) steps over an order reshuffled per epoch (data.shuffle); the "
+            "remainder sits that epoch out. null: max_num_steps alone."
+        ),
+    )
+    val_period: int = Field(50, ge=0, description="Compute the validation/* preference metrics every this many steps (0: never).")
+    val_at_start: bool = Field(True, description="Compute them before the first step (logged as step 0: accuracy 0.5, margins 0).")
+    val_at_end: bool = Field(True, description="Compute them after the last step.")
+    max_val_samples: int | None = Field(None, ge=1, description="Use only the first validation pairs; null: all.")
+    seed: int = Field(42, description="Seeds data order and initialization; runs are reproducible from it.")
+    max_consecutive_nonfinite_steps: int = Field(
+        3,
+        ge=1,
+        description=(
+            "An optimizer step whose loss or gradient norm is NaN/inf is skipped (no update, counted in "
+            "train/skipped_nonfinite_steps); stop with an error after this many skipped in a row."
+        ),
+    )
+
+
 # ----------------------------------------------------------------------------- run bookkeeping
 
 
+class WandbConfig(Section):
+    """Weights & Biases (`pip install "posttrain[wandb]"`); offline by default: no account, no network.
+
+    `wandb sync <dir>/wandb/offline-run-*` uploads an offline run later."""
+
+    enabled: bool = Field(False, description="Also log metrics, the resolved config and sample generations to W&B.")
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: files under <dir>/wandb only; online: stream to the W&B server (needs a login)."
+    )
+    project: str = Field("posttrain", min_length=1, description="W&B project.")
+    entity: str | None = Field(None, description="W&B team or user; null: the login's default.")
+    name: str | None = Field(None, description="Run name; null: the run directory's name.")
+    tags: list[str] = Field(default_factory=list, description="Run tags.")
+    dir: str | None = Field(None, description="Where W&B writes its wandb/ folder; null: the run directory.")
+
+
+class MLflowConfig(Section):
+    """MLflow tracking (`pip install "posttrain[mlflow]"`, the mlflow-skinny client).
+
+    Metric names keep their `/`; characters MLflow rejects (anything but letters, digits, `_ - . : /`
+    and space) become `_`."""
+
+    enabled: bool = Field(False, description="Also log metrics, the config (params and config.yaml) and samples to MLflow.")
+    tracking_uri: str | None = Field(
+        None,
+        description=(
+            "Where runs are tracked: an http(s) server, a database URI (needs the full mlflow package) or a local "
+            "directory; null: the file store <log_dir>/mlruns (MLflow's file store: no server, no database)."
+        ),
+    )
+    experiment_name: str = Field("posttrain", min_length=1, description="MLflow experiment (created when absent).")
+    run_name: str | None = Field(None, description="Run name; null: the run directory's name.")
+
+
+class SampleGenerationsConfig(Section):
+    """GRPO rollouts shown as text: prompt, response, reward (sft and dpo generate nothing)."""
+
+    period: int = Field(
+        10,
+        ge=0,
+        description=(
+            "Every this many GRPO steps, log sample generations of the step's training batch to "
+            "<log_dir>/samples.jsonl and every enabled logger (W&B table, MLflow artifact, TensorBoard text); 0: never."
+        ),
+    )
+    count: int = Field(
+        4,
+        ge=1,
+        description=(
+            "Responses per logged step: the first of the training batch, whole prompt groups first "
+            "(count = grpo.num_generations_per_prompt shows one prompt's group)."
+        ),
+    )
+
+
 class LoggerConfig(Section):
-    log_dir: str = Field("runs/posttrain", description="Run directory: metrics.jsonl, config, TensorBoard, checkpoints.")
+    """metrics.jsonl is always written (`posttrain check` and `report` read it); the other loggers are optional."""
+
+    log_dir: str = Field(
+        "runs/posttrain",
+        description="Run directory: metrics.jsonl, config.yaml, environment.json, samples.jsonl, TensorBoard, checkpoints.",
+    )
     tensorboard_enabled: bool = Field(True, description="Also write TensorBoard event files under <log_dir>/tensorboard.")
+    wandb: WandbConfig = WandbConfig()
+    mlflow: MLflowConfig = MLflowConfig()
+    sample_generations: SampleGenerationsConfig = SampleGenerationsConfig()
     num_val_samples_to_print: int = Field(0, ge=0, description="Print this many validation prompts and responses.")
-    progress: bool = Field(True, description="Show a progress bar and per-step lines on the console.")
+    progress: bool = Field(
+        True,
+        description=(
+            "On a terminal, show live progress bars (the run, the current phase of each step) above the per-step "
+            "lines; false, or stdout not a terminal: plain per-step lines and warnings only."
+        ),
+    )
 
 
 class CheckpointingConfig(Section):
@@ -645,15 +841,16 @@ class CheckpointingConfig(Section):
     )
 
 
-Algorithm = Literal["grpo", "sft"]  # each has its section (grpo:, sft:) and its loop in posttrain.loops
+Algorithm = Literal["grpo", "sft", "dpo"]  # each has its section (grpo:, sft:, dpo:) and its loop in posttrain.loops
 
 
 class RecipeConfig(Section):
     algorithm: Algorithm = Field(
         "grpo",
         description=(
-            "What the run trains with: grpo (GRPO / DAPO: rollouts, rewards, the grpo and loss_fn sections) or sft "
-            "(supervised fine-tuning on chat data: the sft section; env, grpo, loss_fn and warm_start are unused)."
+            "What the run trains with: grpo (GRPO / DAPO: rollouts, rewards, the grpo and loss_fn sections), sft "
+            "(supervised fine-tuning on chat data: the sft section) or dpo (direct preference optimization on "
+            "preference pairs: the dpo section); sft and dpo leave env, grpo, loss_fn and warm_start unused."
         ),
     )
     policy: PolicyConfig = PolicyConfig()
@@ -664,6 +861,7 @@ class RecipeConfig(Section):
     loss_fn: LossConfig = LossConfig()
     warm_start: WarmStartConfig = WarmStartConfig()
     sft: SFTConfig = SFTConfig()
+    dpo: DPOConfig = DPOConfig()
     logger: LoggerConfig = LoggerConfig()
     checkpointing: CheckpointingConfig = CheckpointingConfig()
     gates: list[str] = Field(
@@ -698,29 +896,36 @@ class RecipeConfig(Section):
 
     @model_validator(mode="after")
     def data_fits_algorithm(self) -> RecipeConfig:
-        """Conversations train with sft, prompts with grpo; sft has no use for the RL-only settings."""
+        """Conversations train with sft, preference pairs with dpo, prompts with grpo; sft and dpo
+        have no use for the RL-only settings."""
         sources = {"data.train": self.data.train, "data.validation": self.data.validation}
-        if self.algorithm == "sft":
+        kinds = {"sft": ("conversations", "a chat source (type chat or arithmetic_chat)"),
+                 "dpo": ("preference pairs", "a preference source (type preferences or arithmetic_preferences)")}  # fmt: skip
+        if self.algorithm in SOURCES_OF:
+            what, source_kind = kinds[self.algorithm]
             for key, source in sources.items():
-                if source is not None and not isinstance(source, CHAT_SOURCES):
+                if source is not None and not isinstance(source, SOURCES_OF[self.algorithm]):
                     raise ValueError(
-                        f"algorithm sft trains on conversations: {key} must be a chat source (type chat or "
-                        f"arithmetic_chat), got type {source.type}"
+                        f"algorithm {self.algorithm} trains on {what}: {key} must be {source_kind}, got type {source.type}"
                     )
             if self.data.prompt_template != "{prompt}" or self.data.prompt_template_file is not None:
-                raise ValueError("algorithm sft trains on the conversations as written: unset data.prompt_template(_file)")
+                raise ValueError(
+                    f"algorithm {self.algorithm} trains on the {what} as written: unset data.prompt_template(_file)"
+                )
             if self.warm_start.enabled:
                 raise ValueError(
-                    "warm_start is the supervised phase before RL; algorithm sft is supervised throughout: "
+                    f"warm_start is the supervised phase before RL; algorithm {self.algorithm} does not run it: "
                     "set warm_start.enabled: false"
                 )
             return self
         for key, source in sources.items():
-            if isinstance(source, CHAT_SOURCES):
-                raise ValueError(
-                    f"{key}: a {source.type} source holds conversations for algorithm: sft; GRPO reads prompts "
-                    "(chat data: {type: file, prompt_key: messages})"
-                )
+            for algorithm, kinds_of in SOURCES_OF.items():
+                if isinstance(source, kinds_of):
+                    hint = " (chat data: {type: file, prompt_key: messages})" if algorithm == "sft" else ""
+                    raise ValueError(
+                        f"{key}: a {source.type} source holds {kinds[algorithm][0]} for algorithm: {algorithm}; "
+                        f"GRPO reads prompts{hint}"
+                    )
         return self
 
     @model_validator(mode="after")
@@ -743,7 +948,7 @@ class RecipeConfig(Section):
 
     @model_validator(mode="after")
     def sequence_budget(self) -> RecipeConfig:
-        if self.algorithm != "grpo":  # sft generates nothing
+        if self.algorithm != "grpo":  # sft and dpo generate nothing
             return self
         if self.policy.generation.max_new_tokens >= self.policy.max_total_sequence_length:
             raise ValueError(

@@ -54,15 +54,7 @@ def load_chat(
         DataError: nothing at `path`, no `messages_key` column, a malformed row (unless
             `bad_rows` skips it), or no rows.
     """
-    location = Path(path).expanduser()
-    if location.is_file():
-        if split is not None:
-            raise DataError(f"{path}: a file has no splits, so split {split!r} does not apply; unset it")
-        dataset, source, origin = read_data_file(location), str(location), location.name
-    else:
-        split = split or DEFAULT_SPLIT
-        dataset, source = _load_dataset(path, location, split), f"{path}:{split}"
-        origin = source
+    dataset, source, origin = read_rows(path, split=split, what="chat data")
     columns = list(dataset.column_names)
     if messages_key not in columns and messages_key.split(".", 1)[0] not in columns:
         raise DataError(f"{source}: no messages column {messages_key!r}; columns present: {columns}")
@@ -75,10 +67,23 @@ def load_chat(
     return convert_rows(first_rows(dataset, limit), convert, bad_rows or BadRows(), source=source)
 
 
-def _load_dataset(path: str, location: Path, split: str) -> Any:
+def read_rows(path: str, *, split: str | None, what: str) -> tuple[Any, str, str]:
+    """(dataset, source, origin prefix) of a local .jsonl/.json/.parquet file ("file", "name.jsonl"),
+    or of a local directory or hub id read with `datasets.load_dataset(path, split=split or
+    "train")` (both "path:split"). `what` names the data in errors ("chat data").
+
+    Raises:
+        DataError: nothing at `path`, a split given for a file, a split that does not load or is empty.
+    """
+    location = Path(path).expanduser()
+    if location.is_file():
+        if split is not None:
+            raise DataError(f"{path}: a file has no splits, so split {split!r} does not apply; unset it")
+        return read_data_file(location), str(location), location.name
+    split = split or DEFAULT_SPLIT
     if not location.is_dir() and not HUB_ID.match(path):
         raise DataError(
-            f"chat data {path!r} is neither a local file or directory (looked for {location.resolve()}) nor a hub id "
+            f"{what} {path!r} is neither a local file or directory (looked for {location.resolve()}) nor a hub id "
             "of the form owner/name"
         )
     import datasets  # deferred: importing datasets takes about a second
@@ -86,10 +91,10 @@ def _load_dataset(path: str, location: Path, split: str) -> Any:
     try:
         dataset = datasets.load_dataset(str(location) if location.is_dir() else path, split=split)
     except Exception as error:
-        raise DataError(f"chat data {path!r}: datasets could not load split {split!r}: {error}") from error
+        raise DataError(f"{what} {path!r}: datasets could not load split {split!r}: {error}") from error
     if len(dataset) == 0:
-        raise DataError(f"chat data {path!r} split {split!r} has no rows")
-    return dataset
+        raise DataError(f"{what} {path!r} split {split!r} has no rows")
+    return dataset, f"{path}:{split}", f"{path}:{split}"
 
 
 def conversation_messages(value: Any, *, where: str, key: str) -> list[dict[str, str]]:

@@ -27,6 +27,7 @@ from posttrain.loops.setup import RunParts, build_run
 from posttrain.loops.validation import validate
 from posttrain.metrics.console import Console
 from posttrain.metrics.logger import MetricsLogger
+from posttrain.metrics.samples import rollout_samples
 from posttrain.training.distributed import Distributed, gather_groups, init_distributed
 from posttrain.training.trainer import NonFiniteTrainingError, PolicyTrainer, TrainBatch
 
@@ -123,6 +124,7 @@ def collect_step_groups(
             num_generations=grpo.num_generations_per_prompt,
             width=cfg.policy.max_total_sequence_length,
             images=parts.images,
+            console=parts.console,
         )
         for key, value in timings.items():
             metrics[key] = metrics.get(key, 0.0) + value
@@ -244,7 +246,8 @@ def run_grpo(cfg: RecipeConfig, *, console: Console, distributed: Distributed | 
     if not distributed.is_main:
         console = Console(enabled=False)
     parts: RunParts = build_run(cfg, console=console, distributed=distributed)
-    grpo, policy = cfg.grpo, cfg.policy
+    console.record_warnings(parts.log_dir / "warnings.log")
+    grpo, policy, shown = cfg.grpo, cfg.policy, cfg.logger.sample_generations
     checkpoint = latest_checkpoint(parts.checkpoint_dir) if cfg.checkpointing.enabled or not distributed.enabled else None
     if checkpoint is None:
         parts.run_warm_start()  # the same on every rank; rank 0's weights are broadcast before sharding
@@ -258,7 +261,7 @@ def run_grpo(cfg: RecipeConfig, *, console: Console, distributed: Distributed | 
         distributed=distributed,
     )
     buffer = DynamicSamplingBuffer(grpo.num_prompts_per_step, grpo.dynamic_sampling_max_gen_batches)
-    logger = MetricsLogger(parts.log_dir, tensorboard=cfg.logger.tensorboard_enabled) if distributed.is_main else None
+    logger = MetricsLogger.for_run(cfg) if distributed.is_main else None
 
     start_step, validation_accuracy = 0, {}
     first_record = dict(parts.data_metrics)  # data/* counts, logged once with this run's first record
@@ -267,16 +270,16 @@ def run_grpo(cfg: RecipeConfig, *, console: Console, distributed: Distributed | 
         console.note(f"resumed from {checkpoint} (step {start_step})")
     # Records an earlier attempt logged after this checkpoint (or, without one, at all) are redone.
     if logger is not None:
-        logger.truncate_after(start_step if checkpoint is not None else -1)
+        logger.start(start_step if checkpoint is not None else -1)
     if checkpoint is None and grpo.val_at_start and parts.val_prompts:
         val = validate(parts, cfg, step=0)
         validation_accuracy[0] = val["validation/accuracy"]
         if logger is not None:
             logger.log(0, {**first_record, **val})
         first_record = {}
-        console.step_line(0, val)
+        console.report_step("grpo", 0, grpo.max_num_steps, val)
 
-    console.start_progress("RL", total=grpo.max_num_steps, completed=start_step)
+    console.start_progress("RL", total=grpo.max_num_steps, completed=start_step, plain_lines=False)
     try:
         for step in range(start_step + 1, grpo.max_num_steps + 1):
             step_start = time.perf_counter()
@@ -291,12 +294,14 @@ def run_grpo(cfg: RecipeConfig, *, console: Console, distributed: Distributed | 
             batch = to_train_batch(kept, cfg, parts.images)
             share = len(batch) // distributed.world_size  # each rank trains on its share of the samples
             batch = batch.rows(distributed.rank * share, (distributed.rank + 1) * share)
-            train_metrics = trainer.train(batch, temperature=parts.sampling_params.temperature)
+            console.phase("training", total=len(batch))
+            train_metrics = trainer.train(batch, temperature=parts.sampling_params.temperature, on_rows=console.phase_advance)
             metrics.update({f"train/{key}": value for key, value in train_metrics.items()})
             metrics["timing/training"] = time.perf_counter() - train_start
             memory["training"] = phase_peak_gib(trainer.device)
 
             refresh_start = time.perf_counter()
+            console.phase("weight refresh")
             parts.engine.refresh_weights(parts.model.named_parameters())
             metrics["timing/weight_refresh"] = time.perf_counter() - refresh_start
             metrics["timing/total_step"] = time.perf_counter() - step_start
@@ -309,21 +314,26 @@ def run_grpo(cfg: RecipeConfig, *, console: Console, distributed: Distributed | 
                 validation_accuracy[step] = val["validation/accuracy"]
                 metrics.update(val)
             if logger is not None:
+                if shown.period and step % shown.period == 0:  # sample generations as text
+                    logger.log_samples(step, rollout_samples(kept, parts.tokenizer, step=step, count=shown.count))
                 logger.log(step, {**first_record, **metrics})
             first_record = {}
-            console.step_line(step, metrics)
+            console.report_step("grpo", step, grpo.max_num_steps, metrics)
             console.advance()
 
             limit = grpo.max_consecutive_nonfinite_steps
             check_nonfinite_streak(trainer.consecutive_nonfinite_steps, limit, step=step, checkpoint_dir=parts.checkpoint_dir)
             if cfg.checkpointing.enabled and (step % cfg.checkpointing.save_period == 0 or is_last):
+                console.phase("checkpoint save")
                 save(parts, trainer, buffer, step)
+            console.end_phase()
     finally:
         if logger is not None:
             logger.close()
-    console.stop_progress()
     if cfg.checkpointing.export_final:
+        console.phase("export")
         out = parts.log_dir / FINAL_MODEL_DIR  # this run's own: a resumed or re-run run replaces it
         export_hf(parts.model, parts.tokenizer, out, dtype=cfg.checkpointing.export_dtype, overwrite=True, processor=parts.processor)
         console.note(f"final weights exported to {out} (a Hugging Face directory)")
+    console.stop_progress()
     return RunResult(log_dir=parts.log_dir, validation_accuracy=validation_accuracy)

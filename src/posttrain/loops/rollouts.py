@@ -27,6 +27,7 @@ from posttrain.config.schema import GRPOConfig
 from posttrain.data.batching import right_padded_rows
 from posttrain.data.prompts import Prompt
 from posttrain.environments import Environment, scoring_metadata
+from posttrain.metrics.console import Console
 from posttrain.rollout.base import MultimodalPrompt, Rollout, RolloutEngine, SamplingParams
 
 
@@ -126,6 +127,7 @@ def generate_and_score(
     num_generations: int,
     width: int,
     images: PromptImages | None = None,
+    console: Console | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Sample `num_generations` responses per prompt and score them (overlapped with generation
     where the environment allows: GroupScorer). Tensors are [P, G, ...].
@@ -133,17 +135,25 @@ def generate_and_score(
     The second result holds additive metrics, which the caller sums over generation batches:
     timings in seconds (timing/scoring: what scoring adds after generation ends;
     timing/scoring_busy: the time in score calls, overlapped or not) and train/empty_responses
-    (a count of responses).
+    (a count of responses). A `console` shows the rollout's and scoring's progress.
     """
     metrics: dict[str, float] = {}
     start = time.perf_counter()
     repeated = [prompt for prompt in prompts for _ in range(num_generations)]
     multimodal = [p.multimodal for p in repeated] if images is not None else None
     scorer = GroupScorer(env, tokenizer, repeated, num_generations)
-    rollouts = engine.generate([p.token_ids for p in repeated], params, multimodal, on_finished=scorer.finished)
+    console = console or Console(enabled=False)
+    console.phase("rollout", total=len(repeated))
+
+    def finished(index: int, rollout: Rollout) -> None:
+        scorer.finished(index, rollout)
+        console.phase_advance(tokens=len(rollout.token_ids))
+
+    rollouts = engine.generate([p.token_ids for p in repeated], params, multimodal, on_finished=finished)
     metrics["timing/generation"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    console.phase("scoring")
     responses, raw_rewards = scorer.results(rollouts)
     raw_rewards_N = torch.tensor(raw_rewards, dtype=torch.float32)
     metrics["timing/scoring"] = time.perf_counter() - start

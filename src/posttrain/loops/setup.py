@@ -23,6 +23,8 @@ from posttrain.environments import Environment, build
 from posttrain.loops.rollouts import PromptImages
 from posttrain.loops.warm_start import warm_start
 from posttrain.metrics.console import Console
+from posttrain.metrics.run_info import write_run_info
+from posttrain.metrics.sinks import check_logger_packages
 from posttrain.models.activation_checkpointing import enable_activation_checkpointing
 from posttrain.models.freezing import apply_freeze_config
 from posttrain.models.loading import has_vision_tower, load_policy, load_processor, load_tokenizer, stop_token_ids
@@ -60,7 +62,8 @@ class RunParts:
     warm_start_losses: list[float] = field(default_factory=list)
 
     def run_warm_start(self) -> None:
-        """Supervised warm start on the training prompts' answers (when enabled), then sync the generator."""
+        """Supervised warm start on the training prompts' answers (when enabled; SFT steps on a
+        trainer and optimizer of its own, loops/warm_start.py), then sync the generator."""
         ws = self.cfg.warm_start
         if not ws.enabled:
             return
@@ -72,8 +75,10 @@ class RunParts:
             lambda prompt: str(prompt.sample.ground_truth),
             self.tokenizer,
             ws,
+            self.cfg.policy,
             end_of_turn_id=end_of_turn,
             seed=self.cfg.grpo.seed,
+            max_consecutive_nonfinite_steps=self.cfg.grpo.max_consecutive_nonfinite_steps,
             on_step=lambda step, loss: self.console.advance(f"loss {loss:.3f}"),
         )
         self.console.stop_progress()
@@ -133,11 +138,14 @@ def load_data(cfg: RecipeConfig) -> LoadedData:
 
 
 def prepare_run_dir(cfg: RecipeConfig, distributed: Distributed) -> tuple[Path, Path]:
-    """The run directory (created, with the resolved recipe as config.yaml) and the checkpoint directory."""
+    """The run directory (created, with the resolved recipe as config.yaml and what it runs on as
+    environment.json) and the checkpoint directory. An enabled logger's missing package fails here."""
+    check_logger_packages(cfg.logger)
     log_dir = Path(cfg.logger.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     if distributed.is_main:
         (log_dir / "config.yaml").write_text(dump_config(cfg))
+        write_run_info(log_dir, distributed.world_size)
     return log_dir, Path(cfg.checkpointing.checkpoint_dir or log_dir / "checkpoints")
 
 

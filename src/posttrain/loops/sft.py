@@ -27,7 +27,7 @@ from posttrain.algorithms.sft_loss import sft_loss
 from posttrain.checkpoint.export import FINAL_MODEL_DIR, export_hf
 from posttrain.checkpoint.store import latest_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.config.loss import LossConfig
-from posttrain.config.schema import RecipeConfig, SFTConfig
+from posttrain.config.schema import DPOConfig, RecipeConfig, SFTConfig
 from posttrain.data.chat import TokenizedConversation, chat_corpus, tokenize_conversations
 from posttrain.loops.grpo import DistributedRecipeError, check_nonfinite_streak, phase_peak_gib
 from posttrain.loops.setup import (
@@ -73,18 +73,19 @@ class SFTParts:
 # ------------------------------------------------------------------------------- pure helpers
 
 
-def steps_per_epoch(num_conversations: int, global_batch: int) -> int:
-    """Whole global batches per pass over the data (the remainder sits each epoch out)."""
+def steps_per_epoch(num_conversations: int, global_batch: int, *, items: str = "conversations") -> int:
+    """Whole global batches per pass over the data (the remainder sits each epoch out); `items`
+    names the data in the error (dpo: "pairs")."""
     if num_conversations < global_batch:
         raise ValueError(
-            f"{num_conversations} training conversations do not fill one global batch of policy.train_global_batch_size = "
+            f"{num_conversations} training {items} do not fill one global batch of policy.train_global_batch_size = "
             f"{global_batch}; lower it or add data"
         )
     return num_conversations // global_batch
 
 
-def total_steps(sft: SFTConfig, per_epoch: int) -> int:
-    """sft.max_num_steps, or sft.max_num_epochs worth of steps when that is fewer."""
+def total_steps(sft: SFTConfig | DPOConfig, per_epoch: int) -> int:
+    """sft.max_num_steps, or sft.max_num_epochs worth of steps when that is fewer (dpo's the same)."""
     if sft.max_num_epochs is None:
         return sft.max_num_steps
     return min(sft.max_num_steps, sft.max_num_epochs * per_epoch)
@@ -263,6 +264,7 @@ def run_sft(cfg: RecipeConfig, *, console: Console, distributed: Distributed | N
         console = Console(enabled=False)
     sft, policy = cfg.sft, cfg.policy
     parts = build_sft_run(cfg, console=console, distributed=distributed)
+    console.record_warnings(parts.log_dir / "warnings.log")
     num_steps = total_steps(sft, steps_per_epoch(len(parts.train), policy.train_global_batch_size))
     trainer = PolicyTrainer(
         parts.model,
@@ -271,7 +273,7 @@ def run_sft(cfg: RecipeConfig, *, console: Console, distributed: Distributed | N
         total_optimizer_steps=num_steps,
         distributed=distributed,
     )
-    logger = MetricsLogger(parts.log_dir, tensorboard=cfg.logger.tensorboard_enabled) if distributed.is_main else None
+    logger = MetricsLogger.for_run(cfg) if distributed.is_main else None
     validate = partial(validation_loss, trainer, parts.validation, pad_token_id=parts.tokenizer.pad_token_id, distributed=distributed)
 
     checkpoint = latest_checkpoint(parts.checkpoint_dir) if cfg.checkpointing.enabled or not distributed.enabled else None
@@ -279,7 +281,7 @@ def run_sft(cfg: RecipeConfig, *, console: Console, distributed: Distributed | N
     if checkpoint is not None:
         console.note(f"resumed from {checkpoint} (step {start_step})")
     if logger is not None:  # records an earlier attempt logged after this checkpoint (or at all) are redone
-        logger.truncate_after(start_step if checkpoint is not None else -1)
+        logger.start(start_step if checkpoint is not None else -1)
     first_record, validation_losses = dict(parts.data_metrics), {}
     if checkpoint is None and sft.val_at_start and parts.validation:
         val = validate()
@@ -287,9 +289,9 @@ def run_sft(cfg: RecipeConfig, *, console: Console, distributed: Distributed | N
         if logger is not None:
             logger.log(0, {**first_record, **val})
         first_record = {}
-        console.note(f"step    0 | val loss {val['validation/loss']:.4f}")
+        console.report_step("sft", 0, num_steps, val)
 
-    console.start_progress("SFT", total=num_steps, completed=start_step)
+    console.start_progress("SFT", total=num_steps, completed=start_step, plain_lines=False)
     try:
         for step in range(start_step + 1, num_steps + 1):
             metrics = train_step(parts, trainer, cfg, step, distributed)
@@ -297,10 +299,10 @@ def run_sft(cfg: RecipeConfig, *, console: Console, distributed: Distributed | N
             if parts.validation and ((sft.val_period and step % sft.val_period == 0) or (is_last and sft.val_at_end)):
                 metrics.update(validate())
                 validation_losses[step] = metrics["validation/loss"]
-                console.note(f"step {step:>4} | loss {metrics['train/loss']:.4f} | val loss {metrics['validation/loss']:.4f}")
             if logger is not None:
                 logger.log(step, {**first_record, **metrics})
             first_record = {}
+            console.report_step("sft", step, num_steps, metrics)
             console.advance(f"loss {metrics['train/loss']:.4f}")
 
             limit = sft.max_consecutive_nonfinite_steps

@@ -24,7 +24,10 @@ def validate(parts: RunParts, cfg: RecipeConfig, *, step: int) -> dict[str, floa
         params = replace(params, temperature=temperature if temperature > 0 else 1e-6)
     prompts = parts.val_prompts
     multimodal = [p.multimodal for p in prompts] if parts.images is not None else None
-    rollouts = parts.engine.generate([p.token_ids for p in prompts], params, multimodal)
+    parts.console.phase("validation", total=len(prompts))
+    rollouts = parts.engine.generate(
+        [p.token_ids for p in prompts], params, multimodal, on_finished=lambda _, r: parts.console.phase_advance(tokens=len(r.token_ids))
+    )
     responses = [parts.tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in rollouts]
     rewards = torch.tensor(
         parts.env.score([p.text for p in prompts], responses, [scoring_metadata(p.sample) for p in prompts]),

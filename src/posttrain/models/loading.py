@@ -89,14 +89,15 @@ def check_remote_code(path: str | Path, *, trust_remote_code: bool) -> None:
 @contextlib.contextmanager
 def _quiet_transformers():
     """transformers prints its own load report; posttrain raises with the keys instead."""
-    previous = transformers.logging.get_verbosity()
+    previous, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     try:
         yield
     finally:
         transformers.logging.set_verbosity(previous)
-        transformers.logging.enable_progress_bar()
+        if bars:  # `posttrain` turns them off for the whole run (its console shows progress): leave them off
+            transformers.logging.enable_progress_bar()
 
 
 def _check_checkpoint_dir(path: Path) -> None:

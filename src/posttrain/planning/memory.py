@@ -13,8 +13,11 @@ Each component is a pure function of shapes and recipe settings, in bytes, and n
 whose memory it models: when that code changes, change the function. Parameters are counted
 exactly, on the meta device; activations and workspaces are estimates that list their terms.
 
+SFT and DPO recipes have the training phase only; a DPO micro-batch holds train_micro_batch_size
+pairs, two sequences each, and no reference model (its reference logprobs are computed once).
+
 Not modeled: vision/audio tower activations, the warm-start (SFT) phase, the no-grad logprob
-pass (smaller than training's), the CUDA context and NCCL buffers. The safety margin covers those
+pass (smaller than training's; DPO's reference pass is one), the CUDA context and NCCL buffers. The safety margin covers those
 and the caching allocator: the measured E2B DAPO step reserved 82.85 GiB for an allocated peak of
 79.86 GiB (benchmarks/results/dapo_step-h200-development.json), 3.7% more.
 """
@@ -265,21 +268,28 @@ def recipe_model_config(cfg: RecipeConfig) -> PretrainedConfig:
 # ---------------------------------------------------------------------------- the recipe's shapes
 
 
-def micro_batch_tokens(policy: PolicyConfig) -> int:
+def micro_batch_tokens(policy: PolicyConfig, *, sequences_per_sample: int = 1) -> int:
     """Tokens of the largest training micro-batch (training/batching.py): train_micro_batch_size
-    full-length samples, or the token budget, which a single longer sample may exceed."""
-    by_count = policy.train_micro_batch_size * policy.max_total_sequence_length
+    full-length samples, or the token budget, which a single longer sample may exceed. A DPO sample
+    is a pair: `sequences_per_sample` 2 (both sequences run in the same micro-batch)."""
+    sample_tokens = sequences_per_sample * policy.max_total_sequence_length
+    by_count = policy.train_micro_batch_size * sample_tokens
     if policy.train_micro_batch_tokens is None:
         return by_count
-    return min(by_count, max(policy.train_micro_batch_tokens, policy.max_total_sequence_length))
+    return min(by_count, max(policy.train_micro_batch_tokens, sample_tokens))
+
+
+def sequences_per_sample(cfg: RecipeConfig) -> int:
+    """Sequences a sample of the recipe's batches holds: two for a DPO pair, one otherwise."""
+    return 2 if cfg.algorithm == "dpo" else 1
 
 
 def validation_prompt_count(cfg: RecipeConfig) -> int:
     """Prompts `validate` hands the engine at once (all of them, one response each); 0 when the
     recipe never validates. A file or dataset without `limit` counts as the engine's slot cap."""
     grpo, source = cfg.grpo, cfg.data.validation
-    if source is None or not (grpo.val_period or grpo.val_at_start or grpo.val_at_end):
-        return 0
+    if cfg.algorithm != "grpo" or source is None or not (grpo.val_period or grpo.val_at_start or grpo.val_at_end):
+        return 0  # sft and dpo generate nothing
     if isinstance(source, FileSource | DatasetSource | ChatSource):
         size = source.limit or cfg.policy.generation.max_batch_size
     else:
@@ -588,7 +598,7 @@ def trainer_bytes(cfg: RecipeConfig, inventory: ModelInventory, gpus: int) -> di
     scalars, trainable = inventory.count(), inventory.count(trainable_only=True)
     layer_scalars = sum(layer.scalars for layer in inventory.layers)
     layer_trainable = sum(layer.trainable for layer in inventory.layers)
-    tokens, seq_len = micro_batch_tokens(policy), policy.max_total_sequence_length
+    tokens, seq_len = micro_batch_tokens(policy, sequences_per_sample=sequences_per_sample(cfg)), policy.max_total_sequence_length
     compute_bytes = BF16 if policy.precision == "bfloat16" else FP32
     half_gathers = gpus > 1 and policy.fsdp_param_dtype == "bfloat16"  # bf16 parameters and residual stream
     activations = {
@@ -623,7 +633,8 @@ def trainer_bytes(cfg: RecipeConfig, inventory: ModelInventory, gpus: int) -> di
         "logprob_workspace": logprob_workspace_bytes(
             tokens=tokens, vocab=inventory.vocab_size, hidden=inventory.hidden_size, head_trainable=inventory.head_trainable
         ),
-        "reference_policy": reference_policy_bytes(scalars, kl_penalty=cfg.loss_fn.reference_policy_kl_penalty),
+        # dpo's reference is the policy's own logprobs, computed once: no second copy (loops/dpo.py)
+        "reference_policy": reference_policy_bytes(scalars, kl_penalty=cfg.loss_fn.reference_policy_kl_penalty if cfg.algorithm == "grpo" else 0.0),
         "host_memory": host_bytes(
             scalars=scalars,
             trainable=trainable,
@@ -682,7 +693,7 @@ def plan_from_inventory(
     gradients appear at the end of backward, when most activations are already freed."""
     t = trainer_bytes(cfg, inventory, gpus)
     e = engine_bytes(cfg, inventory, gpus, backend=backend, images=images)
-    if cfg.algorithm != "grpo":  # SFT generates nothing: no engine, no KV cache, no generation phase
+    if cfg.algorithm != "grpo":  # SFT and DPO generate nothing: no engine, no KV cache, no generation phase
         e = dict.fromkeys(e, 0)
     activations = t["activations_checkpointed"] if cfg.policy.activation_checkpointing else t["activations_full"]
     resident = t["parameters"] + t["optimizer_state"] + t["reference_policy"]
@@ -706,7 +717,7 @@ def plan_from_inventory(
         generation_peak=generation / GIB,
         training_peak=training / GIB,
         refresh_peak=refresh / GIB,
-        tokens_per_micro_batch=micro_batch_tokens(cfg.policy),
+        tokens_per_micro_batch=micro_batch_tokens(cfg.policy, sequences_per_sample=sequences_per_sample(cfg)),
         generation_slots=generation_slots(cfg, gpus, backend=backend),
         engine=f"{backend} {engine_precision(cfg, backend)}",
         **gib,
@@ -741,16 +752,19 @@ def fits(plan: MemoryPlan, capacity_gib: float) -> bool:
 
 
 def batch_problems(cfg: RecipeConfig, gpus: int) -> list[str]:
-    """Why `gpus` processes cannot split the recipe's batches (loops/grpo.check_distributed_recipe,
+    """Why `gpus` processes cannot split the recipe's batches (the algorithm's loop's torchrun check,
     its checkpointing rule left out: a setting, not a shape); parameter_offload needs 2 or more."""
-    # imported here: the loop may import this module
+    # imported here: the loops may import this module
+    from posttrain.loops.dpo import check_distributed_dpo_recipe
     from posttrain.loops.grpo import DistributedRecipeError, check_distributed_recipe
+    from posttrain.loops.sft import check_distributed_sft_recipe
 
     if gpus == 1:
         return ["policy.parameter_offload needs torchrun with 2 or more processes"] if cfg.policy.parameter_offload else []
     unchecked = cfg.checkpointing.model_copy(update={"enabled": False, "export_final": False})
+    check = {"grpo": check_distributed_recipe, "sft": check_distributed_sft_recipe, "dpo": check_distributed_dpo_recipe}[cfg.algorithm]
     try:
-        check_distributed_recipe(cfg.model_copy(update={"checkpointing": unchecked}), gpus)
+        check(cfg.model_copy(update={"checkpointing": unchecked}), gpus)
     except DistributedRecipeError as error:
         return [str(error)]
     return []

@@ -1,11 +1,12 @@
 """The policy trainer: fp32 master weights, autocast compute, micro-batching, one normalization.
 
 The trainer does not know which algorithm it runs: it takes a `TrainBatch` (tokens, loss mask,
-advantages, generator logprobs) and the loss config (`train`), or a `SupervisedBatch` of
-conversations (`sft_step`), and owns the only place where the loss is normalized: each optimizer
-step's token (or sequence) count over the whole step's samples is computed once and handed to
-every micro-batch's loss, so accumulation over micro-batches gives exactly the full-batch loss and
-gradient whatever the micro-batch size. Both steps end in the same clip / update / skip.
+advantages, generator logprobs) and the loss config (`train`), a `SupervisedBatch` of
+conversations (`sft_step`) or a `PreferenceBatch` of pairs (`dpo_step`), and owns the only place
+where the loss is normalized: each optimizer step's token (sequence, pair) count over the whole
+step's samples is computed once and handed to every micro-batch's loss, so accumulation over
+micro-batches gives exactly the full-batch loss and gradient whatever the micro-batch size. All
+steps end in the same clip / update / skip.
 
 A step whose loss or gradient norm is not finite is skipped whole: no backward after the
 non-finite loss, gradients zeroed, no optimizer update (weights and Adam moments stay bit for
@@ -19,11 +20,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from posttrain.algorithms.dpo_loss import dpo_loss, sequence_logprobs
 from posttrain.algorithms.mismatch import gen_kl_error, token_mult_prob_error
 from posttrain.algorithms.pg_loss import clipped_pg_loss
 from posttrain.algorithms.sft_loss import sft_loss
@@ -88,23 +91,54 @@ class TrainBatch:
 
 @dataclass
 class SupervisedBatch:
-    """Conversations for supervised fine-tuning as right-padded rows (text only)."""
+    """Supervised sequences as right-padded rows; `images` holds each row's image tensors (None
+    for a text-only row), or is empty for a text-only batch (as in `TrainBatch`)."""
 
     input_ids_BT: torch.Tensor
     attention_mask_BT: torch.Tensor
     loss_mask_BT: torch.Tensor  # 1 on the supervised tokens (logprobs_BT[:, t] scores token t)
+    images: tuple[MultimodalPrompt | None, ...] = ()
 
     def __len__(self) -> int:
         return self.input_ids_BT.shape[0]
 
     def rows(self, start: int, stop: int) -> SupervisedBatch:
-        return SupervisedBatch(self.input_ids_BT[start:stop], self.attention_mask_BT[start:stop], self.loss_mask_BT[start:stop])
+        return SupervisedBatch(
+            self.input_ids_BT[start:stop], self.attention_mask_BT[start:stop], self.loss_mask_BT[start:stop], self.images[start:stop]
+        )
 
     def to(self, device: torch.device) -> SupervisedBatch:
-        return SupervisedBatch(self.input_ids_BT.to(device), self.attention_mask_BT.to(device), self.loss_mask_BT.to(device))
+        images = tuple(None if m is None else m.to(device) for m in self.images)
+        return SupervisedBatch(self.input_ids_BT.to(device), self.attention_mask_BT.to(device), self.loss_mask_BT.to(device), images)
 
     def multimodal_inputs(self) -> dict[str, torch.Tensor]:
-        return {}
+        """The rows' images for the model's forward, in row order; empty when no row has one."""
+        return image_inputs(self.images)
+
+
+@dataclass
+class PreferenceBatch:
+    """Preference pairs for DPO: `sequences` holds pair p's chosen sequence (prompt + response) in
+    row 2p and its rejected one in row 2p + 1, the responses' scored tokens in the loss mask;
+    `reference_logprobs_P2[p]` holds the reference policy's logprobs of the two responses (chosen,
+    rejected), summed over those tokens. Rows are sliced by pair, so a pair is never split."""
+
+    sequences: SupervisedBatch
+    reference_logprobs_P2: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.reference_logprobs_P2)
+
+    def rows(self, start: int, stop: int) -> PreferenceBatch:
+        """Pairs start..stop."""
+        return PreferenceBatch(self.sequences.rows(2 * start, 2 * stop), self.reference_logprobs_P2[start:stop])
+
+    def to(self, device: torch.device) -> PreferenceBatch:
+        return PreferenceBatch(self.sequences.to(device), self.reference_logprobs_P2.to(device))
+
+    def pair_lengths(self) -> list[int]:
+        """Real tokens of each pair's two sequences together (what a token budget counts)."""
+        return self.sequences.attention_mask_BT.sum(dim=-1).view(-1, 2).sum(dim=-1).tolist()
 
 
 def aligned_token_logprobs(
@@ -243,8 +277,9 @@ class PolicyTrainer:
         lengths = batch.attention_mask_BT.sum(dim=-1).tolist()
         return micro_batches(lengths, max_rows, self.policy.train_micro_batch_tokens)
 
-    def train(self, batch: TrainBatch, temperature: float) -> dict[str, float]:
-        """One or more optimizer steps over `batch` (train_global_batch_size samples each).
+    def train(self, batch: TrainBatch, temperature: float, on_rows: Callable[[int], None] | None = None) -> dict[str, float]:
+        """One or more optimizer steps over `batch` (train_global_batch_size samples each);
+        `on_rows(n)` after each micro-batch's backward, n its rows (a progress display).
 
         With one optimizer step per rollout batch the old-policy logprobs equal the current ones
         (detached), so they come from the same forward pass. With several, they are computed up
@@ -256,7 +291,7 @@ class PolicyTrainer:
         num_steps = 0
         for start in range(0, len(batch), global_batch):
             step_old = old_logprobs_BT[start : start + global_batch] if old_logprobs_BT is not None else None
-            for key, value in self._optimizer_step(batch.rows(start, start + global_batch), step_old, temperature).items():
+            for key, value in self._optimizer_step(batch.rows(start, start + global_batch), step_old, temperature, on_rows).items():
                 totals[key] += value
             num_steps += 1
         metrics = {key: value / num_steps for key, value in totals.items()}
@@ -265,7 +300,7 @@ class PolicyTrainer:
         return metrics
 
     def _optimizer_step(
-        self, batch: TrainBatch, old_logprobs_BT: torch.Tensor | None, temperature: float
+        self, batch: TrainBatch, old_logprobs_BT: torch.Tensor | None, temperature: float, on_rows: Callable[[int], None] | None = None
     ) -> dict[str, float]:
         self.model.train()
         mask_BT = batch.loss_mask_BT.float()
@@ -308,6 +343,8 @@ class PolicyTrainer:
                 loss.backward()
             for key, value in loss_metrics.items():  # includes "loss": summed over micro-batches
                 metrics[key] += value
+            if on_rows is not None:
+                on_rows(stop - start)
 
         if self.distributed.enabled:  # normalized like the loss: the sums over ranks are the global values
             metrics = defaultdict(float, {k: all_reduce_sum(v, self.distributed, self.device) for k, v in metrics.items()})
@@ -360,7 +397,9 @@ class PolicyTrainer:
         for start, stop in self._micro_batches(batch, self.policy.train_micro_batch_size):
             rows = batch.rows(start, stop).to(self.device)
             with self.autocast(), sparse_backward(self.embedding_tables):
-                logprobs_BT = self.logprob_module(rows.input_ids_BT, rows.attention_mask_BT, 1.0, self.policy.sequence_packing)
+                logprobs_BT = self.logprob_module(
+                    rows.input_ids_BT, rows.attention_mask_BT, 1.0, self.policy.sequence_packing, **rows.multimodal_inputs()
+                )
             loss, loss_metrics = sft_loss(logprobs_BT, rows.loss_mask_BT.float(), global_normalizer=max(supervised_tokens, 1.0))
             finite = finite and math.isfinite(loss_metrics["loss"])
             if finite or self.distributed.enabled:  # as in _optimizer_step: every rank runs every backward
@@ -372,3 +411,47 @@ class PolicyTrainer:
         metrics = {"loss": loss_sum, "supervised_tokens": supervised_tokens, **self._apply_gradients(finite)}
         metrics["consecutive_nonfinite_steps"] = float(self.consecutive_nonfinite_steps)
         return metrics
+
+    def dpo_step(self, batch: PreferenceBatch, *, beta: float, sft_weight: float) -> dict[str, float]:
+        """One optimizer step of DPO on `batch`, this rank's pairs of one global batch (loss in
+        algorithms/dpo_loss.py). A micro-batch holds train_micro_batch_size whole pairs (both
+        sequences in one forward pass, packed when policy.sequence_packing); every micro-batch's
+        loss divides by the pairs and chosen-response tokens of the whole global batch (all ranks),
+        so neither micro-batch size, packing nor the number of processes changes the loss or the
+        gradient. Logprobs at temperature 1. Returns the loss and its metrics (rewards/*,
+        logps/*, ...), pairs, grad_norm, lr, skipped_nonfinite_steps and consecutive_nonfinite_steps."""
+        self.model.train()
+        global_pairs = all_reduce_sum(float(len(batch)), self.distributed, self.device)
+        chosen_tokens = float(batch.sequences.loss_mask_BT[0::2].sum())
+        global_chosen_tokens = all_reduce_sum(chosen_tokens, self.distributed, self.device)
+        metrics: dict[str, float] = defaultdict(float)
+        finite = True
+        zero_dense_grads(self.embedding_tables)
+        for start, stop in micro_batches(batch.pair_lengths(), self.policy.train_micro_batch_size, self.policy.train_micro_batch_tokens):
+            pairs = batch.rows(start, stop).to(self.device)
+            rows = pairs.sequences
+            with self.autocast(), sparse_backward(self.embedding_tables):
+                logprobs_BT = self.logprob_module(rows.input_ids_BT, rows.attention_mask_BT, 1.0, self.policy.sequence_packing)
+            policy_P2 = sequence_logprobs(logprobs_BT, rows.loss_mask_BT).view(-1, 2)
+            reference_P2 = pairs.reference_logprobs_P2
+            loss, loss_metrics = dpo_loss(
+                policy_P2[:, 0],
+                policy_P2[:, 1],
+                reference_P2[:, 0],
+                reference_P2[:, 1],
+                beta=beta,
+                sft_weight=sft_weight,
+                global_pairs=global_pairs,
+                global_chosen_tokens=max(global_chosen_tokens, 1.0),
+            )
+            finite = finite and math.isfinite(loss_metrics["loss"])
+            if finite or self.distributed.enabled:  # as in _optimizer_step: every rank runs every backward
+                loss.backward()
+            for key, value in loss_metrics.items():  # shares of global means: they sum
+                metrics[key] += value
+        if self.distributed.enabled:
+            metrics = defaultdict(float, {k: all_reduce_sum(v, self.distributed, self.device) for k, v in metrics.items()})
+            finite = math.isfinite(metrics["loss"])
+        metrics.update(pairs=global_pairs, chosen_tokens=global_chosen_tokens, **self._apply_gradients(finite))
+        metrics["consecutive_nonfinite_steps"] = float(self.consecutive_nonfinite_steps)
+        return dict(metrics)
