@@ -45,7 +45,7 @@ from posttrain.data.preferences import (
     tokenize_preferences,
 )
 from posttrain.data.sources import BadRows, DataError
-from posttrain.loops.grpo import DistributedRecipeError, check_nonfinite_streak, phase_peak_gib
+from posttrain.loops.grpo import check_distributed_recipe, check_nonfinite_streak, phase_peak_gib
 from posttrain.loops.setup import end_of_turn_id, load_trainable_policy, model_directory, prepare_run_dir
 from posttrain.loops.sft import step_indices, steps_per_epoch, supervised_batch, total_steps
 from posttrain.metrics.console import Console
@@ -178,20 +178,6 @@ def build_dpo_run(cfg: RecipeConfig, *, console: Console, distributed: Distribut
     train_pairs, validation_pairs, data_metrics = tokenize_dpo_data(cfg, train, validation, skipped, tokenizer, console)
     processor = load_processor(model_dir, trust_remote_code=cfg.policy.trust_remote_code) if has_vision_tower(model) else None
     return DPOParts(log_dir, checkpoint_dir, model, tokenizer, train_pairs, validation_pairs, processor, data_metrics)
-
-
-def check_distributed_dpo_recipe(cfg: RecipeConfig, world: int) -> None:
-    """What a torchrun launch needs from a dpo recipe, checked before any work."""
-    problems = []
-    if cfg.checkpointing.enabled or cfg.checkpointing.export_final:
-        problems.append(
-            "checkpointing.enabled and checkpointing.export_final: sharded checkpoints are not written yet; "
-            "set both to false for a multi-process run"
-        )
-    if cfg.policy.train_global_batch_size % world:
-        problems.append(f"policy.train_global_batch_size = {cfg.policy.train_global_batch_size} pairs: must divide by {world} ranks")
-    if problems:
-        raise DistributedRecipeError(f"this recipe cannot run on {world} processes: " + "; ".join(problems))
 
 
 # ------------------------------------------------------------------------- scoring the pairs
@@ -331,7 +317,7 @@ def run_dpo(cfg: RecipeConfig, *, console: Console, distributed: Distributed | N
         raise ValueError(f"run_dpo runs algorithm dpo; this recipe's algorithm is {cfg.algorithm}")
     distributed = distributed or init_distributed()
     if distributed.enabled:
-        check_distributed_dpo_recipe(cfg, distributed.world_size)
+        check_distributed_recipe(cfg, distributed.world_size)
     if not distributed.is_main:
         console = Console(enabled=False)
     dpo, policy = cfg.dpo, cfg.policy

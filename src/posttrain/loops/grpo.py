@@ -215,7 +215,7 @@ class DistributedRecipeError(ValueError):
 
 
 def check_distributed_recipe(cfg: RecipeConfig, world: int) -> None:
-    """What a torchrun launch needs from the recipe, checked before any work."""
+    """What a torchrun launch needs from the recipe (any algorithm), checked before any work."""
     grpo, policy = cfg.grpo, cfg.policy
     problems = []
     if cfg.checkpointing.enabled or cfg.checkpointing.export_final:
@@ -223,13 +223,15 @@ def check_distributed_recipe(cfg: RecipeConfig, world: int) -> None:
             "checkpointing.enabled and checkpointing.export_final: sharded checkpoints are not written yet; "
             "set both to false for a multi-process run"
         )
-    num_prompts = grpo.num_prompts_per_step * (grpo.batch_multiplier if grpo.use_dynamic_sampling else 1)
-    if num_prompts % world:
-        problems.append(f"grpo.num_prompts_per_step (x batch_multiplier) = {num_prompts}: must divide by {world} ranks")
-    if grpo.use_dynamic_sampling and grpo.num_prompts_per_step % world:
-        problems.append(f"grpo.num_prompts_per_step = {grpo.num_prompts_per_step}: must divide by {world} ranks")
+    if cfg.algorithm == "grpo":
+        num_prompts = grpo.num_prompts_per_step * (grpo.batch_multiplier if grpo.use_dynamic_sampling else 1)
+        if num_prompts % world:
+            problems.append(f"grpo.num_prompts_per_step (x batch_multiplier) = {num_prompts}: must divide by {world} ranks")
+        if grpo.use_dynamic_sampling and grpo.num_prompts_per_step % world:
+            problems.append(f"grpo.num_prompts_per_step = {grpo.num_prompts_per_step}: must divide by {world} ranks")
+    unit = " pairs" if cfg.algorithm == "dpo" else ""  # DPO's batch sizes count preference pairs
     if policy.train_global_batch_size % world:
-        problems.append(f"policy.train_global_batch_size = {policy.train_global_batch_size}: must divide by {world} ranks")
+        problems.append(f"policy.train_global_batch_size = {policy.train_global_batch_size}{unit}: must divide by {world} ranks")
     if problems:
         raise DistributedRecipeError(f"this recipe cannot run on {world} processes: " + "; ".join(problems))
 

@@ -29,7 +29,7 @@ from posttrain.checkpoint.store import latest_checkpoint, load_checkpoint, save_
 from posttrain.config.loss import LossConfig
 from posttrain.config.schema import DPOConfig, RecipeConfig, SFTConfig
 from posttrain.data.chat import TokenizedConversation, chat_corpus, tokenize_conversations
-from posttrain.loops.grpo import DistributedRecipeError, check_nonfinite_streak, phase_peak_gib
+from posttrain.loops.grpo import check_distributed_recipe, check_nonfinite_streak, phase_peak_gib
 from posttrain.loops.setup import (
     LoadedData,
     end_of_turn_id,
@@ -168,20 +168,6 @@ def build_sft_run(cfg: RecipeConfig, *, console: Console, distributed: Distribut
     return SFTParts(log_dir, checkpoint_dir, model, tokenizer, train, validation, processor, data_metrics)
 
 
-def check_distributed_sft_recipe(cfg: RecipeConfig, world: int) -> None:
-    """What a torchrun launch needs from an sft recipe, checked before any work."""
-    problems = []
-    if cfg.checkpointing.enabled or cfg.checkpointing.export_final:
-        problems.append(
-            "checkpointing.enabled and checkpointing.export_final: sharded checkpoints are not written yet; "
-            "set both to false for a multi-process run"
-        )
-    if cfg.policy.train_global_batch_size % world:
-        problems.append(f"policy.train_global_batch_size = {cfg.policy.train_global_batch_size}: must divide by {world} ranks")
-    if problems:
-        raise DistributedRecipeError(f"this recipe cannot run on {world} processes: " + "; ".join(problems))
-
-
 # ------------------------------------------------------------------------------------ the steps
 
 
@@ -259,7 +245,7 @@ def run_sft(cfg: RecipeConfig, *, console: Console, distributed: Distributed | N
         raise ValueError(f"run_sft runs algorithm sft; this recipe's algorithm is {cfg.algorithm}")
     distributed = distributed or init_distributed()
     if distributed.enabled:
-        check_distributed_sft_recipe(cfg, distributed.world_size)
+        check_distributed_recipe(cfg, distributed.world_size)
     if not distributed.is_main:
         console = Console(enabled=False)
     sft, policy = cfg.sft, cfg.policy

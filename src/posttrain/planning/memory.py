@@ -755,16 +755,13 @@ def batch_problems(cfg: RecipeConfig, gpus: int) -> list[str]:
     """Why `gpus` processes cannot split the recipe's batches (the algorithm's loop's torchrun check,
     its checkpointing rule left out: a setting, not a shape); parameter_offload needs 2 or more."""
     # imported here: the loops may import this module
-    from posttrain.loops.dpo import check_distributed_dpo_recipe
     from posttrain.loops.grpo import DistributedRecipeError, check_distributed_recipe
-    from posttrain.loops.sft import check_distributed_sft_recipe
 
     if gpus == 1:
         return ["policy.parameter_offload needs torchrun with 2 or more processes"] if cfg.policy.parameter_offload else []
     unchecked = cfg.checkpointing.model_copy(update={"enabled": False, "export_final": False})
-    check = {"grpo": check_distributed_recipe, "sft": check_distributed_sft_recipe, "dpo": check_distributed_dpo_recipe}[cfg.algorithm]
     try:
-        check(cfg.model_copy(update={"checkpointing": unchecked}), gpus)
+        check_distributed_recipe(cfg.model_copy(update={"checkpointing": unchecked}), gpus)
     except DistributedRecipeError as error:
         return [str(error)]
     return []
