@@ -33,7 +33,6 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.algorithms.dpo_loss import dpo_loss, sequence_logprobs
-from posttrain.checkpoint.export import FINAL_MODEL_DIR, export_hf
 from posttrain.checkpoint.store import latest_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.config.loss import LossConfig
 from posttrain.config.schema import RecipeConfig
@@ -46,7 +45,13 @@ from posttrain.data.preferences import (
 )
 from posttrain.data.sources import BadRows, DataError
 from posttrain.loops.grpo import check_distributed_recipe, check_nonfinite_streak, phase_peak_gib
-from posttrain.loops.setup import end_of_turn_id, load_trainable_policy, model_directory, prepare_run_dir
+from posttrain.loops.setup import (
+    end_of_turn_id,
+    export_final_model,
+    load_trainable_policy,
+    model_directory,
+    prepare_run_dir,
+)
 from posttrain.loops.sft import step_indices, steps_per_epoch, supervised_batch, total_steps
 from posttrain.metrics.console import Console
 from posttrain.metrics.logger import MetricsLogger
@@ -391,7 +396,5 @@ def run_dpo(cfg: RecipeConfig, *, console: Console, distributed: Distributed | N
             logger.close()
     console.stop_progress()
     if cfg.checkpointing.export_final:
-        out = parts.log_dir / FINAL_MODEL_DIR
-        export_hf(parts.model, parts.tokenizer, out, dtype=cfg.checkpointing.export_dtype, overwrite=True, processor=parts.processor)
-        console.note(f"final weights exported to {out} (a Hugging Face directory)")
+        export_final_model(parts, cfg, console)
     return DPOResult(log_dir=parts.log_dir, validation_preference_accuracy=accuracy)

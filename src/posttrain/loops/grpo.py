@@ -19,11 +19,10 @@ from safetensors.torch import load_model, save_model
 from posttrain.algorithms.advantages import group_advantages
 from posttrain.algorithms.dynamic_sampling import DynamicSamplingBuffer, informative_groups
 from posttrain.algorithms.reward_shaping import overlong_filter_mask
-from posttrain.checkpoint.export import FINAL_MODEL_DIR, export_hf
 from posttrain.checkpoint.store import latest_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.config.schema import RecipeConfig
 from posttrain.loops.rollouts import PromptImages, generate_and_score
-from posttrain.loops.setup import RunParts, build_run
+from posttrain.loops.setup import RunParts, build_run, export_final_model
 from posttrain.loops.validation import validate
 from posttrain.metrics.console import Console
 from posttrain.metrics.logger import MetricsLogger
@@ -334,8 +333,6 @@ def run_grpo(cfg: RecipeConfig, *, console: Console, distributed: Distributed | 
             logger.close()
     if cfg.checkpointing.export_final:
         console.phase("export")
-        out = parts.log_dir / FINAL_MODEL_DIR  # this run's own: a resumed or re-run run replaces it
-        export_hf(parts.model, parts.tokenizer, out, dtype=cfg.checkpointing.export_dtype, overwrite=True, processor=parts.processor)
-        console.note(f"final weights exported to {out} (a Hugging Face directory)")
+        export_final_model(parts, cfg, console)
     console.stop_progress()
     return RunResult(log_dir=parts.log_dir, validation_accuracy=validation_accuracy)

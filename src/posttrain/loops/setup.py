@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from posttrain.checkpoint.export import FINAL_MODEL_DIR, export_hf
 from posttrain.config.loader import dump_config
 from posttrain.config.schema import RecipeConfig
 from posttrain.data.prompts import Prompt, PromptIterator, load_samples, tokenize_multimodal_prompts, tokenize_prompts
@@ -211,6 +212,15 @@ def tokenize_data(
         "data/skipped_bad_rows": float(len(data.skipped_rows)),
     }
     return train.prompts, val.prompts, metrics
+
+
+def export_final_model(parts: Any, cfg: RecipeConfig, console: Console) -> None:
+    """The run's final weights (and tokenizer, and processor if any) as a Hugging Face directory
+    <log_dir>/final_model: this run's own, so a resumed or re-run run replaces it. `parts`: any
+    loop's parts (model, tokenizer, processor, log_dir)."""
+    out = parts.log_dir / FINAL_MODEL_DIR
+    export_hf(parts.model, parts.tokenizer, out, dtype=cfg.checkpointing.export_dtype, overwrite=True, processor=parts.processor)
+    console.note(f"final weights exported to {out} (a Hugging Face directory)")
 
 
 def note_skipped_rows(data: LoadedData, console: Console) -> None:

@@ -24,7 +24,6 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.algorithms.sft_loss import sft_loss
-from posttrain.checkpoint.export import FINAL_MODEL_DIR, export_hf
 from posttrain.checkpoint.store import latest_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.config.loss import LossConfig
 from posttrain.config.schema import DPOConfig, RecipeConfig, SFTConfig
@@ -33,6 +32,7 @@ from posttrain.loops.grpo import check_distributed_recipe, check_nonfinite_strea
 from posttrain.loops.setup import (
     LoadedData,
     end_of_turn_id,
+    export_final_model,
     load_data,
     load_trainable_policy,
     model_directory,
@@ -306,7 +306,5 @@ def run_sft(cfg: RecipeConfig, *, console: Console, distributed: Distributed | N
             logger.close()
     console.stop_progress()
     if cfg.checkpointing.export_final:
-        out = parts.log_dir / FINAL_MODEL_DIR
-        export_hf(parts.model, parts.tokenizer, out, dtype=cfg.checkpointing.export_dtype, overwrite=True, processor=parts.processor)
-        console.note(f"final weights exported to {out} (a Hugging Face directory)")
+        export_final_model(parts, cfg, console)
     return SFTResult(log_dir=parts.log_dir, validation_loss=validation_losses)
