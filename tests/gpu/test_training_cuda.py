@@ -126,3 +126,30 @@ def test_blocked_attention_on_cuda(window):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
     for got, sdpa_bf16, expected in zip(run(blocked, torch.bfloat16), run(sdpa, torch.bfloat16), reference, strict=True):
         assert float((got - expected).abs().max()) <= 2 * float((sdpa_bf16 - expected).abs().max()) + 1e-6
+
+
+@pytest.mark.parametrize("chunk", [None, 1000])  # 1000: parameters span several streamed chunks
+def test_offloaded_adamw_equals_fused_adamw_on_cuda(chunk, monkeypatch):
+    """optimizer_offload streams the host moments through the fused kernel: bit-identical to
+    torch's fused AdamW on the GPU (what the trainer uses without offload), moments in page-locked memory."""
+    from posttrain.training import offload  # noqa: PLC0415
+
+    if chunk is not None:
+        monkeypatch.setattr(offload, "CHUNK_SCALARS", chunk)
+    plain_model, offloaded_model = _model("e_series"), _model("e_series")
+    plain = torch.optim.AdamW(plain_model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+    offloaded = offload.HostAdamW(offloaded_model.parameters(), lr=1e-3, weight_decay=0.1)
+    assert offloaded.pinned and offloaded._buffer.is_pinned()
+    ids_BT, mask_BT = _rows(300)
+    for _ in range(3):
+        for model, optimizer in ((plain_model, plain), (offloaded_model, offloaded)):
+            optimizer.zero_grad()
+            model(input_ids=ids_BT, attention_mask=mask_BT).logits.float().logsumexp(-1).mean().backward()
+            optimizer.step()
+    moved = 0.0
+    initial = dict(_model("e_series").named_parameters())
+    for (name, expected), got in zip(plain_model.named_parameters(), offloaded_model.parameters(), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(offloaded.state[got]["exp_avg_sq"].cuda(), plain.state[expected]["exp_avg_sq"], rtol=0, atol=0)
+        moved = max(moved, float((got - initial[name]).abs().max()))
+    assert moved > 1e-3

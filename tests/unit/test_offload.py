@@ -1,5 +1,6 @@
 """Optimizer-state offload (`policy.optimizer_offload`, training/offload.py): the same updates as
-torch's AdamW on the device, its state in host memory, and an exact resume through checkpoints."""
+torch's AdamW on the device, its moments in one host buffer streamed through in chunks, and an
+exact resume through checkpoints (also from a checkpoint of torch's AdamW)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from posttrain.checkpoint.store import load_checkpoint, save_checkpoint
 from posttrain.config.loss import LossConfig
 from posttrain.config.schema import OptimizerConfig, PolicyConfig
 from posttrain.models.tiny import tiny_gemma4_config
+from posttrain.training import offload
 from posttrain.training.offload import HostAdamW
 from posttrain.training.trainer import PolicyTrainer, TrainBatch
 
@@ -45,7 +47,9 @@ def _weights(trainer: PolicyTrainer) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
 
 
-def test_offloaded_steps_equal_on_device_adamw():
+@pytest.mark.parametrize("chunk", [offload.CHUNK_SCALARS, 1000])  # 1000: most parameters span several chunks
+def test_offloaded_steps_equal_on_device_adamw(chunk, monkeypatch):
+    monkeypatch.setattr(offload, "CHUNK_SCALARS", chunk)
     plain, offloaded = _trainer(False), _trainer(True)
     assert isinstance(offloaded.optimizer, HostAdamW)
     for seed in range(3):
@@ -58,12 +62,17 @@ def test_offloaded_steps_equal_on_device_adamw():
         torch.testing.assert_close(value, _weights(plain)[name], rtol=0, atol=0, msg=name)
         moved = max(moved, float((value - initial[name]).abs().max()))
     assert moved > 1e-3  # three steps of lr 1e-3 moved the weights: the comparison is not vacuous
-    # the moments live with the host copies, not with the model's parameters
-    param = next(offloaded.model.parameters())
-    assert param not in offloaded.optimizer.state
-    host_state = offloaded.optimizer.state[offloaded.optimizer.host_param(param)]
-    torch.testing.assert_close(host_state["exp_avg"], plain.optimizer.state[next(plain.model.parameters())]["exp_avg"])
-    assert host_state["exp_avg"].device.type == "cpu"
+    # the moments equal the on-device ones and are views of the one host buffer
+    buffer = offloaded.optimizer._buffer
+    trainable = sum(p.numel() for p in offloaded.model.parameters() if p.requires_grad)
+    assert buffer.numel() == 2 * trainable
+    plain_params = dict(plain.model.named_parameters())
+    for name, param in offloaded.model.named_parameters():
+        state, expected = offloaded.optimizer.state[param], plain.optimizer.state[plain_params[name]]
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(state[key], expected[key], rtol=0, atol=0, msg=f"{name} {key}")
+            assert state[key].untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+        assert float(state["step"]) == float(expected["step"]) == 3
 
 
 def test_offloaded_optimizer_resumes_exactly(tmp_path):
@@ -77,6 +86,25 @@ def test_offloaded_optimizer_resumes_exactly(tmp_path):
         tmp_path, 1, model=first.model, optimizer=first.optimizer, scheduler=first.scheduler, loop_state={}, keep_top_k=None
     )
     resumed = _trainer(True)  # fresh weights and host copies: the checkpoint must replace both
+    load_checkpoint(path, model=resumed.model, optimizer=resumed.optimizer, scheduler=resumed.scheduler)
+    for seed in (1, 2):
+        resumed.train(_batch(seed), temperature=1.0)
+    for name, value in _weights(resumed).items():
+        torch.testing.assert_close(value, _weights(reference)[name], rtol=0, atol=0, msg=name)
+
+
+def test_offloaded_optimizer_resumes_from_a_plain_adamw_checkpoint(tmp_path):
+    """A run that ran out of GPU memory can resume with optimizer_offload turned on."""
+    reference = _trainer(False)
+    for seed in range(3):
+        reference.train(_batch(seed), temperature=1.0)
+
+    first = _trainer(False)
+    first.train(_batch(0), temperature=1.0)
+    path = save_checkpoint(
+        tmp_path, 1, model=first.model, optimizer=first.optimizer, scheduler=first.scheduler, loop_state={}, keep_top_k=None
+    )
+    resumed = _trainer(True)
     load_checkpoint(path, model=resumed.model, optimizer=resumed.optimizer, scheduler=resumed.scheduler)
     for seed in (1, 2):
         resumed.train(_batch(seed), temperature=1.0)

@@ -115,9 +115,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def optimizer_parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
     """The model's name of each parameter the optimizer holds, per parameter group, in optimizer order."""
     names = {id(param): name for name, param in model.named_parameters()}
-    # an offloading optimizer (training/offload.py) holds host copies: it names the model's own
-    groups = getattr(optimizer, "device_param_groups", None) or [group["params"] for group in optimizer.param_groups]
-    return [[names.get(id(p), "<not a model parameter>") for p in group] for group in groups]
+    return [[names.get(id(p), "<not a model parameter>") for p in group["params"]] for group in optimizer.param_groups]
 
 
 def _check_optimizer_parameters(saved: list[list[str]], current: list[list[str]], path: Path) -> None:

@@ -163,9 +163,10 @@ class PolicyConfig(Section):
     optimizer_offload: bool = Field(
         False,
         description=(
-            "Keep AdamW's state (and the fp32 copy it updates) in host memory and take the step on the CPU: 8 bytes "
-            "per parameter less on the GPU, the same update; the step then costs a host-memory pass over 16 bytes "
-            "per parameter. Under torchrun each rank offloads its shards."
+            "Keep AdamW's two moments in host memory (8 bytes per trainable parameter, in one page-locked buffer) and "
+            "stream them through the GPU in chunks for each step: 8 bytes per parameter less on the GPU, the same "
+            "update bit for bit; the step then moves 16 bytes per parameter over PCIe. Under torchrun each rank "
+            "offloads its shards."
         ),
     )
     parameter_offload: bool = Field(

@@ -368,13 +368,13 @@ def fsdp_gathered_bytes(
 
 
 def host_bytes(*, scalars: int, trainable: int, gpus: int, optimizer_offload: bool, parameter_offload: bool) -> int:
-    """Pinned host memory per process. optimizer_offload (HostAdamW): an fp32 copy of the
-    parameters, host gradient buffers and the two moments (16 bytes a trainable scalar of this
-    rank's shards). parameter_offload: the fp32 shards, their gradients and AdamW's moments."""
+    """Pinned host memory per process. optimizer_offload (HostAdamW): AdamW's two moments (8 bytes a
+    trainable scalar of this rank's shards). parameter_offload: the fp32 shards, their gradients and
+    AdamW's moments."""
     if parameter_offload:
         return math.ceil((FP32 * scalars + (FP32 + ADAMW_STATE_BYTES) * trainable) / gpus)
     if optimizer_offload:
-        return math.ceil((2 * FP32 + ADAMW_STATE_BYTES) * trainable / gpus)
+        return math.ceil(ADAMW_STATE_BYTES * trainable / gpus)
     return 0
 
 
