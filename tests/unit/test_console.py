@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from posttrain.metrics.console import Console, step_line, step_warnings
+from posttrain.metrics.console import Console, step_line, step_warnings, warnings_through
 
 pytestmark = pytest.mark.unit
 
@@ -160,7 +160,7 @@ def test_step_warnings_leaves_the_given_state_alone():
 def test_console_off_a_terminal_prints_plain_lines_without_escapes(tmp_path):
     out = io.StringIO()  # not a terminal: no live display, no ANSI
     console = Console(file=out)
-    console.record_warnings(tmp_path / "warnings.log")
+    console.record_warnings(tmp_path / "warnings.log", resumed_step=-1)
     console.start_progress("RL", total=100, plain_lines=False)
     console.phase("rollout", total=256)  # phases show on the live display only
     console.phase_advance(tokens=3)
@@ -200,6 +200,50 @@ def test_plain_progress_lines_every_tenth_and_a_disabled_console_is_silent():
     assert silent.getvalue() == "" and console.warnings == []
 
 
+def test_plain_progress_counts_items_advanced_several_at_a_time():
+    """DPO's reference pass advances by chunks of pairs: a line whenever a tenth of the way is crossed."""
+    out = io.StringIO()
+    console = Console(file=out)
+    console.start_progress("reference logprobs", total=1000)
+    for pairs in (256, 256, 256, 232):
+        console.advance(amount=pairs)
+    console.stop_progress()
+    assert out.getvalue().splitlines() == [f"reference logprobs {n}/1000" for n in (256, 512, 768, 1000)]
+
+
+ADVICE = (
+    ": the generator's logprobs disagree with the trainer's (generation dtype, sampling settings, weight refresh; "
+    "docs/algorithms.md)"
+)
+LOG = [
+    "warning (step 2): train/token_mult_prob_error 1.0800 > 1.05",
+    "warning (step 5, since step 2): still train/token_mult_prob_error 1.0600 > 1.05",
+    "recovered (step 7): train/token_mult_prob_error 1.0100 is back under 1.05 (since step 2)",
+]
+
+
+def test_warnings_through_keeps_the_steps_up_to_the_checkpoint_and_drops_a_torn_line():
+    text = "\n".join(LOG) + "\nwarning (step 9): optimizer st"  # killed mid-write
+    assert warnings_through(text, 5) == LOG[:2]
+    assert warnings_through(text, 7) == LOG
+    assert warnings_through(text, -1) == []  # no checkpoint: the run starts over
+    assert warnings_through("", 3) == [] and warnings_through("a line about no step\n", -1) == ["a line about no step"]
+
+
+def test_a_resumed_console_drops_the_warnings_of_redone_steps(tmp_path):
+    """Resumed at step 5: steps 6 and 7 are redone, so their warnings are dropped and said anew
+    (as metrics.jsonl drops and relogs their records); a disabled console (another rank) leaves the file."""
+    path = tmp_path / "warnings.log"
+    path.write_text("\n".join(LOG) + "\n")
+    Console(enabled=False).record_warnings(path, resumed_step=-1)
+    assert path.read_text() == "\n".join(LOG) + "\n"
+    console = Console(file=io.StringIO())
+    console.record_warnings(path, resumed_step=5)
+    assert path.read_text() == "\n".join(LOG[:2]) + "\n"
+    console.report_step("grpo", 6, 10, {"train/token_mult_prob_error": 1.5})
+    assert path.read_text().splitlines()[2:] == ["warning (step 6): train/token_mult_prob_error 1.5000 > 1.05" + ADVICE]
+
+
 class Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
@@ -234,3 +278,5 @@ def test_eta_counts_this_sessions_steps_down():
     assert EtaColumn().render(progress.tasks[0]).plain == "ETA 0:01:00"
     now[0] = 135.0  # 15 s into step 5
     assert EtaColumn().render(progress.tasks[0]).plain == "ETA 0:00:45"
+    progress.update(bar, advance=6, done_elapsed=95.0)
+    assert EtaColumn().render(progress.tasks[0]).plain == ""  # done: no ETA left to show

@@ -11,6 +11,7 @@ import math
 import re
 import socket
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,14 @@ def test_dpo_loss_shares_sum_to_the_global_batch_and_ties_count_half():
     loss, metrics = dpo_loss(same, same, same, same, beta=0.1, sft_weight=0.0, global_pairs=2, global_chosen_tokens=4)
     assert float(loss) == pytest.approx(math.log(2), abs=1e-7)
     assert metrics["rewards/margin"] == 0.0 and metrics["rewards/accuracy"] == 0.5
+
+
+def test_a_batch_without_chosen_tokens_has_an_sft_loss_of_0_not_nan():
+    """T counts at least 1 inside dpo_loss, for the trainer and validation alike: 0 chosen tokens
+    (sums of nothing, 0) give sft_loss 0 and the preference loss alone, log 2 at equal logprobs."""
+    zero, same = torch.zeros(2), torch.tensor([-3.0, -7.0])
+    loss, metrics = dpo_loss(zero, same, zero, same, beta=0.1, sft_weight=0.5, global_pairs=2, global_chosen_tokens=0)
+    assert metrics["sft_loss"] == 0.0 and float(loss) == pytest.approx(math.log(2), abs=1e-7)
 
 
 def test_sequence_logprobs_sum_the_masked_tokens():
@@ -338,6 +347,31 @@ def test_reference_logprobs_are_the_initial_policys_so_the_first_loss_is_log_2(b
     assert abs(metrics["rewards/margin"]) < 1e-6
     after = validation_metrics(trainer, pairs, reference, beta=0.1, sft_weight=0.0, pad_token_id=tokenizer.pad_token_id, distributed=Distributed())
     assert after["validation/loss"] != pytest.approx(math.log(2), abs=1e-4) and after["validation/rewards/margin"] != 0
+
+
+def test_validation_and_the_step_agree_on_pairs_without_chosen_tokens(base_model, tokenizer):
+    """With sft_weight > 0 and no scored chosen token, validation (no gradient) gives the loss the
+    step computes from the same weights, finite (it once divided by 0 chosen tokens: nan)."""
+    pairs = [replace(p, chosen=replace(p.chosen, loss_mask=[0] * len(p.chosen.loss_mask))) for p in _pairs(tokenizer)]
+    pad = tokenizer.pad_token_id
+    trainer = _trainer(copy.deepcopy(base_model), train_micro_batch_size=2)
+    reference = _offset_reference(base_model, pairs, pad)
+    val = validation_metrics(trainer, pairs, reference, beta=0.7, sft_weight=0.3, pad_token_id=pad, distributed=Distributed())
+    step = trainer.dpo_step(preference_batch(pairs, reference, pad_token_id=pad), beta=0.7, sft_weight=0.3)
+    assert step["chosen_tokens"] == 0 and math.isfinite(val["validation/loss"])
+    for key in ("loss", "preference_loss", "sft_loss", "rewards/margin"):
+        assert val[f"validation/{key}"] == pytest.approx(step[key], abs=1e-6), key
+
+
+def test_pair_logprobs_reports_the_pairs_it_scored(base_model, tokenizer, monkeypatch):
+    """The reference pass's progress: one call per chunk of pairs, adding up to all of them."""
+    pairs, done = _pairs(tokenizer), []
+    trainer = _trainer(copy.deepcopy(base_model))
+    whole = pair_logprobs(trainer, pairs, pad_token_id=tokenizer.pad_token_id, distributed=Distributed())
+    monkeypatch.setattr("posttrain.loops.dpo.REFERENCE_CHUNK_PAIRS", 3)
+    chunked = pair_logprobs(trainer, pairs, pad_token_id=tokenizer.pad_token_id, distributed=Distributed(), on_pairs=done.append)
+    assert done == [3, 1]
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
 
 
 def test_a_non_finite_loss_skips_the_step(base_model, tokenizer):

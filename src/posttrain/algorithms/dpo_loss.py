@@ -10,7 +10,9 @@ Per pair p, with sequence logprobs summed over the response's scored tokens unde
 
 P = pairs and T = chosen-response tokens of the WHOLE global batch: the trainer hands every
 micro-batch the same P and T (counted over the step's pairs and all ranks), so the micro-batch
-losses sum to the global-batch loss and their gradients to its gradient. Gradients:
+losses sum to the global-batch loss and their gradients to its gradient. T counts at least 1
+here, the one place it is clamped: a batch without chosen tokens has an sft_loss of 0, not 0/0,
+in training and validation alike. Gradients:
 
     d loss / d pc_p = -beta sigmoid(-margin_p) / P - sft_weight / T
     d loss / d pr_p = +beta sigmoid(-margin_p) / P
@@ -51,7 +53,7 @@ def dpo_loss(
     reward_rejected_P = beta * (policy_rejected_P - reference_rejected_P)
     margin_P = reward_chosen_P - reward_rejected_P
     preference_loss = -logsigmoid(margin_P).sum() / global_pairs
-    sft_loss = -policy_chosen_P.sum() / global_chosen_tokens
+    sft_loss = -policy_chosen_P.sum() / max(global_chosen_tokens, 1.0)
     loss = preference_loss + sft_weight * sft_loss if sft_weight else preference_loss
     share = lambda values_P: float(values_P.detach().sum()) / global_pairs  # noqa: E731
     correct_P = (margin_P > 0).float() + 0.5 * (margin_P == 0).float()

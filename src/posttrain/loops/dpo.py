@@ -17,6 +17,10 @@ from the policy) and refuses to resume over data that tokenizes differently.
 
 Data order: as SFT's (loops/sft.py `step_indices`): epochs of floor(N / B) steps over an order
 reshuffled per epoch from (dpo.seed, epoch); a resumed run finds its place from its step alone.
+
+The loop (validation, logging, checkpoints, export) is the one SFT shares, loops/supervised.py;
+this file holds what is DPO's own: the pairs, the reference logprobs, the step, the validation
+metrics, the resume.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from __future__ import annotations
 import hashlib
 import time
 from array import array
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,8 +38,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.algorithms.dpo_loss import dpo_loss, sequence_logprobs
-from posttrain.checkpoint.store import latest_checkpoint, load_checkpoint, save_checkpoint
-from posttrain.config.loss import LossConfig
+from posttrain.checkpoint.store import load_checkpoint
 from posttrain.config.schema import RecipeConfig
 from posttrain.data.preferences import (
     PreferencePair,
@@ -44,19 +48,21 @@ from posttrain.data.preferences import (
     tokenize_preferences,
 )
 from posttrain.data.sources import BadRows, DataError
-from posttrain.loops.grpo import check_distributed_recipe, check_nonfinite_streak, phase_peak_gib
-from posttrain.loops.setup import (
-    end_of_turn_id,
-    export_final_model,
-    load_trainable_policy,
-    model_directory,
-    prepare_run_dir,
-)
+from posttrain.loops.grpo import phase_peak_gib
+from posttrain.loops.setup import end_of_turn_id, load_trainable_policy, model_directory, prepare_run_dir
 from posttrain.loops.sft import step_indices, steps_per_epoch, supervised_batch, total_steps
+from posttrain.loops.supervised import (
+    SupervisedLoop,
+    SupervisedParts,
+    checkpoint_to_resume,
+    resume_trainer,
+    run_supervised_loop,
+    start_processes,
+    supervised_trainer,
+)
 from posttrain.metrics.console import Console
-from posttrain.metrics.logger import MetricsLogger
 from posttrain.models.loading import has_vision_tower, load_processor
-from posttrain.training.distributed import Distributed, gather_groups, init_distributed
+from posttrain.training.distributed import Distributed, gather_groups
 from posttrain.training.trainer import PolicyTrainer, PreferenceBatch, SupervisedBatch
 
 LOOP_STATE_ALGORITHM = "dpo"  # stored in each checkpoint: another algorithm's checkpoints are never resumed here
@@ -86,16 +92,7 @@ class ReferenceLogprobs:
         return {"train": self.train_P2, "validation": self.validation_P2, "fingerprint": self.fingerprint}
 
 
-@dataclass
-class DPOParts:
-    log_dir: Path
-    checkpoint_dir: Path
-    model: torch.nn.Module
-    tokenizer: PreTrainedTokenizerBase
-    train: list[TokenizedPair]
-    validation: list[TokenizedPair]
-    processor: Any = None  # a multimodal policy's processor, exported with the model
-    data_metrics: dict[str, float] = field(default_factory=dict)  # data/*: logged with the run's first record
+DPOParts = SupervisedParts[TokenizedPair]
 
 
 # ------------------------------------------------------------------------------- pure helpers
@@ -189,21 +186,34 @@ def build_dpo_run(cfg: RecipeConfig, *, console: Console, distributed: Distribut
 
 
 def pair_logprobs(
-    trainer: PolicyTrainer, pairs: list[TokenizedPair], *, pad_token_id: int, distributed: Distributed
+    trainer: PolicyTrainer,
+    pairs: list[TokenizedPair],
+    *,
+    pad_token_id: int,
+    distributed: Distributed,
+    on_pairs: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Every pair's two responses scored by the current weights: [pairs, 2] (chosen, rejected)
     logprobs summed over their scored tokens, float32 on the host, the same on every rank (each
     scores its share; copies of the first pair even the shares out, so every rank runs the same
     FSDP2 passes, and are dropped). Passes of policy.logprob_batch_size sequences (null:
-    train_micro_batch_size sequences, half a training micro-batch's)."""
+    train_micro_batch_size sequences, half a training micro-batch's). `on_pairs(n)` after each
+    chunk of REFERENCE_CHUNK_PAIRS: n pairs of `pairs` scored by all ranks together (a progress
+    display)."""
     if not pairs:
         return torch.zeros((0, 2))
-    padded = pairs + [pairs[0]] * (-len(pairs) % distributed.world_size)
+    world = distributed.world_size
+    padded = pairs + [pairs[0]] * (-len(pairs) % world)
     share, pieces = rank_pairs(padded, distributed), []
     for start in range(0, len(share), REFERENCE_CHUNK_PAIRS):
-        batch = pair_rows(share[start : start + REFERENCE_CHUNK_PAIRS], pad_token_id=pad_token_id)
+        chunk = share[start : start + REFERENCE_CHUNK_PAIRS]
+        batch = pair_rows(chunk, pad_token_id=pad_token_id)
         logprobs_BT = trainer.logprobs(batch, temperature=1.0)
         pieces.append(sequence_logprobs(logprobs_BT, batch.loss_mask_BT.to(logprobs_BT.device)).view(-1, 2).float().cpu())
+        if on_pairs is not None:
+            # Share index i is pair i * world + rank, and the ranks score their chunks in step (FSDP2
+            # passes wait for each other): after this chunk, every pair before (start + len) * world is done.
+            on_pairs(min((start + len(chunk)) * world, len(pairs)) - min(start * world, len(pairs)))
     if distributed.enabled:  # FSDP2 keeps the root's gathered parameters after a forward, for the backward
         trainer.logprob_module.reshard()  # that never comes here: free them (and shard them for the optimizer again)
     return gather_groups({"logprobs": torch.cat(pieces)}, distributed)["logprobs"][: len(pairs)]
@@ -211,10 +221,18 @@ def pair_logprobs(
 
 def compute_reference(parts: DPOParts, trainer: PolicyTrainer, distributed: Distributed, console: Console) -> tuple[ReferenceLogprobs, float]:
     """The reference logprobs of every training and validation pair, from the current (initial)
-    weights, and the seconds they took."""
+    weights, and the seconds they took; a progress bar counts the pairs."""
     start = time.perf_counter()
-    score = partial(pair_logprobs, trainer, pad_token_id=parts.tokenizer.pad_token_id, distributed=distributed)
+    console.start_progress("reference logprobs", total=len(parts.train) + len(parts.validation))
+    score = partial(
+        pair_logprobs,
+        trainer,
+        pad_token_id=parts.tokenizer.pad_token_id,
+        distributed=distributed,
+        on_pairs=lambda pairs: console.advance(amount=pairs),
+    )
     reference = ReferenceLogprobs(score(parts.train), score(parts.validation), data_fingerprint(parts.train, parts.validation))
+    console.stop_progress()
     seconds = time.perf_counter() - start
     console.note(f"reference logprobs: {len(parts.train)} training and {len(parts.validation)} validation pairs scored in {seconds:.1f} s")
     return reference, seconds
@@ -229,11 +247,16 @@ def validation_metrics(
     sft_weight: float,
     pad_token_id: int,
     distributed: Distributed,
+    console: Console | None = None,
 ) -> dict[str, float]:
     """The DPO loss and its metrics over all the validation `pairs` (validation/*), by the same
-    loss function as training, without gradients."""
+    loss function as training, without gradients. With a `console`, the `validation` phase
+    counts the pairs."""
     start = time.perf_counter()
-    policy_P2 = pair_logprobs(trainer, pairs, pad_token_id=pad_token_id, distributed=distributed)
+    if console is not None:
+        console.phase("validation", total=len(pairs))
+    on_pairs = console.phase_advance if console is not None else None
+    policy_P2 = pair_logprobs(trainer, pairs, pad_token_id=pad_token_id, distributed=distributed, on_pairs=on_pairs)
     _, metrics = dpo_loss(
         policy_P2[:, 0],
         policy_P2[:, 1],
@@ -251,37 +274,28 @@ def validation_metrics(
 
 
 def train_step(
-    parts: DPOParts, trainer: PolicyTrainer, reference: ReferenceLogprobs, cfg: RecipeConfig, step: int, distributed: Distributed
+    parts: DPOParts,
+    trainer: PolicyTrainer,
+    reference: ReferenceLogprobs,
+    cfg: RecipeConfig,
+    step: int,
+    *,
+    distributed: Distributed,
+    console: Console,
 ) -> dict[str, float]:
-    """One optimizer step on this rank's share of step `step`'s pairs; train/* and timing metrics."""
+    """One optimizer step on this rank's share of step `step`'s pairs (the `training` phase, its
+    pairs counted); train/* and timing metrics."""
     start = time.perf_counter()
     global_batch = cfg.policy.train_global_batch_size
     indices = rank_pairs(step_indices(step, len(parts.train), global_batch, seed=cfg.dpo.seed, shuffle=cfg.data.shuffle), distributed)
     batch = preference_batch([parts.train[i] for i in indices], reference.train_P2[indices], pad_token_id=parts.tokenizer.pad_token_id)
-    step_metrics = trainer.dpo_step(batch, beta=cfg.dpo.beta, sft_weight=cfg.dpo.sft_weight)
+    console.phase("training", total=len(indices))
+    step_metrics = trainer.dpo_step(batch, beta=cfg.dpo.beta, sft_weight=cfg.dpo.sft_weight, on_pairs=console.phase_advance)
     metrics = {f"train/{key}": value for key, value in step_metrics.items()}
     metrics["train/epoch"] = float((step - 1) // steps_per_epoch(len(parts.train), global_batch))
     metrics["timing/training"] = time.perf_counter() - start
     metrics.update({f"memory/training_{kind}_gib": v for kind, v in phase_peak_gib(trainer.device).items()})
     return metrics
-
-
-def save(parts: DPOParts, trainer: PolicyTrainer, reference: ReferenceLogprobs, cfg: RecipeConfig, step: int) -> None:
-    loop_state = {
-        "algorithm": LOOP_STATE_ALGORITHM,
-        "step": step,
-        "consecutive_nonfinite_steps": trainer.consecutive_nonfinite_steps,
-        "reference_logprobs": reference.state(),
-    }
-    save_checkpoint(
-        parts.checkpoint_dir,
-        step,
-        model=parts.model,
-        optimizer=trainer.optimizer,
-        scheduler=trainer.scheduler,
-        loop_state=loop_state,
-        keep_top_k=cfg.checkpointing.keep_top_k,
-    )
 
 
 def restore(checkpoint: Path, parts: DPOParts, trainer: PolicyTrainer, console: Console) -> tuple[int, ReferenceLogprobs]:
@@ -304,10 +318,7 @@ def restore(checkpoint: Path, parts: DPOParts, trainer: PolicyTrainer, console: 
             "tokenizer, policy.max_total_sequence_length or dpo.max_val_samples changed); the reference policy is the "
             "initial one, gone from a resumed run: resume with the original data, or start a new run directory"
         )
-    changed = trainer.apply_optimizer_config()
-    if changed:
-        console.note(f"resume: this run's policy.optimizer settings replace the checkpoint's: {', '.join(changed)}")
-    trainer.consecutive_nonfinite_steps = loop_state["consecutive_nonfinite_steps"]
+    resume_trainer(trainer, loop_state, console)
     return loop_state["step"], reference
 
 
@@ -317,36 +328,23 @@ def restore(checkpoint: Path, parts: DPOParts, trainer: PolicyTrainer, console: 
 def run_dpo(cfg: RecipeConfig, *, console: Console, distributed: Distributed | None = None) -> DPOResult:
     """Direct preference optimization, in one process or (under torchrun) one per device: each
     rank trains on its share of every global batch of pairs (FSDP2), the loss normalized over all
-    ranks; rank 0 logs."""
-    if cfg.algorithm != "dpo":
-        raise ValueError(f"run_dpo runs algorithm dpo; this recipe's algorithm is {cfg.algorithm}")
-    distributed = distributed or init_distributed()
-    if distributed.enabled:
-        check_distributed_recipe(cfg, distributed.world_size)
-    if not distributed.is_main:
-        console = Console(enabled=False)
-    dpo, policy = cfg.dpo, cfg.policy
+    ranks; rank 0 logs. The loop itself is loops/supervised.py's."""
+    distributed, console = start_processes(cfg, "dpo", console, distributed)
+    dpo = cfg.dpo
     parts = build_dpo_run(cfg, console=console, distributed=distributed)
-    console.record_warnings(parts.log_dir / "warnings.log")
-    num_steps = total_steps(dpo, steps_per_epoch(len(parts.train), policy.train_global_batch_size, items="pairs"))
-    trainer = PolicyTrainer(
-        parts.model,
-        policy.model_copy(update={"train_global_batch_size": policy.train_global_batch_size // distributed.world_size}),
-        LossConfig(),  # the policy-gradient loss's settings: dpo_step never reads them
-        total_optimizer_steps=num_steps,
-        distributed=distributed,
-    )
-    logger = MetricsLogger.for_run(cfg) if distributed.is_main else None
+    num_steps = total_steps(dpo, steps_per_epoch(len(parts.train), cfg.policy.train_global_batch_size, items="pairs"))
+    trainer = supervised_trainer(parts.model, cfg, num_steps, distributed)
 
-    checkpoint = latest_checkpoint(parts.checkpoint_dir) if cfg.checkpointing.enabled or not distributed.enabled else None
+    checkpoint = checkpoint_to_resume(parts.checkpoint_dir, cfg, distributed)
     first_record = dict(parts.data_metrics)
     if checkpoint is not None:
-        start_step, reference = restore(checkpoint, parts, trainer, console)
-        console.note(f"resumed from {checkpoint} (step {start_step}; reference logprobs restored)")
+        resumed_step, reference = restore(checkpoint, parts, trainer, console)
+        console.note(f"resumed from {checkpoint} (step {resumed_step}; reference logprobs restored)")
     else:
-        start_step = 0
+        resumed_step = -1
         reference, seconds = compute_reference(parts, trainer, distributed, console)
         first_record["timing/reference_logprobs"] = seconds
+    pad_token_id = parts.tokenizer.pad_token_id
     validate = partial(
         validation_metrics,
         trainer,
@@ -354,47 +352,21 @@ def run_dpo(cfg: RecipeConfig, *, console: Console, distributed: Distributed | N
         reference.validation_P2,
         beta=dpo.beta,
         sft_weight=dpo.sft_weight,
-        pad_token_id=parts.tokenizer.pad_token_id,
+        pad_token_id=pad_token_id,
         distributed=distributed,
+        console=console,
     )
-    if logger is not None:  # records an earlier attempt logged after this checkpoint (or at all) are redone
-        logger.start(start_step if checkpoint is not None else -1)
-    accuracy = {}
-    if checkpoint is None and dpo.val_at_start and parts.validation:
-        val = validate()
-        accuracy[0] = val["validation/rewards/accuracy"]
-        if logger is not None:
-            logger.log(0, {**first_record, **val})
-        first_record = {}
-        console.report_step("dpo", 0, num_steps, val)
-
-    console.start_progress("DPO", total=num_steps, completed=start_step, plain_lines=False)
-    try:
-        for step in range(start_step + 1, num_steps + 1):
-            metrics = train_step(parts, trainer, reference, cfg, step, distributed)
-            is_last = step == num_steps
-            if parts.validation and ((dpo.val_period and step % dpo.val_period == 0) or (is_last and dpo.val_at_end)):
-                metrics.update(validate())
-                accuracy[step] = metrics["validation/rewards/accuracy"]
-            if logger is not None:
-                logger.log(step, {**first_record, **metrics})
-            first_record = {}
-            console.report_step("dpo", step, num_steps, metrics)
-            console.advance(f"loss {metrics['train/loss']:.4f} margin {metrics['train/rewards/margin']:.3f}")
-
-            check_nonfinite_streak(
-                trainer.consecutive_nonfinite_steps,
-                dpo.max_consecutive_nonfinite_steps,
-                step=step,
-                checkpoint_dir=parts.checkpoint_dir,
-                setting="dpo.max_consecutive_nonfinite_steps",
-            )
-            if cfg.checkpointing.enabled and (step % cfg.checkpointing.save_period == 0 or is_last):
-                save(parts, trainer, reference, cfg, step)
-    finally:
-        if logger is not None:
-            logger.close()
-    console.stop_progress()
-    if cfg.checkpointing.export_final:
-        export_final_model(parts, cfg, console)
+    loop = SupervisedLoop(
+        algorithm=LOOP_STATE_ALGORITHM,
+        settings=dpo,
+        num_steps=num_steps,
+        train_step=partial(train_step, parts, trainer, reference, cfg, distributed=distributed, console=console),
+        validate=validate if parts.validation else None,
+        kept_metric="validation/rewards/accuracy",
+        bar_info=lambda metrics: f"loss {metrics['train/loss']:.4f} margin {metrics['train/rewards/margin']:.3f}",
+        checkpoint_state={"reference_logprobs": reference.state()},  # constants: a resumed run cannot recompute them
+    )
+    accuracy = run_supervised_loop(
+        loop, parts, trainer, cfg, resumed_step=resumed_step, first_record=first_record, console=console, distributed=distributed
+    )
     return DPOResult(log_dir=parts.log_dir, validation_preference_accuracy=accuracy)

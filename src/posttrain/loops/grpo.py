@@ -247,7 +247,6 @@ def run_grpo(cfg: RecipeConfig, *, console: Console, distributed: Distributed | 
     if not distributed.is_main:
         console = Console(enabled=False)
     parts: RunParts = build_run(cfg, console=console, distributed=distributed)
-    console.record_warnings(parts.log_dir / "warnings.log")
     grpo, policy, shown = cfg.grpo, cfg.policy, cfg.logger.sample_generations
     checkpoint = latest_checkpoint(parts.checkpoint_dir) if cfg.checkpointing.enabled or not distributed.enabled else None
     if checkpoint is None:
@@ -269,7 +268,8 @@ def run_grpo(cfg: RecipeConfig, *, console: Console, distributed: Distributed | 
     if checkpoint is not None:
         start_step = restore(checkpoint, parts, trainer, buffer)
         console.note(f"resumed from {checkpoint} (step {start_step})")
-    # Records an earlier attempt logged after this checkpoint (or, without one, at all) are redone.
+    # Records and warnings an earlier attempt logged after this checkpoint (or, without one, at all) are redone.
+    console.record_warnings(parts.log_dir / "warnings.log", resumed_step=start_step if checkpoint is not None else -1)
     if logger is not None:
         logger.start(start_step if checkpoint is not None else -1)
     if checkpoint is None and grpo.val_at_start and parts.val_prompts:

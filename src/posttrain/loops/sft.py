@@ -4,7 +4,9 @@ validation loss -> log -> checkpoint -> export.
 It runs on GRPO's engine (`PolicyTrainer.sft_step`: micro-batches, packing, autocast, clipping,
 AdamW or its host offload, the lr schedule, non-finite skipping, FSDP2 under torchrun) and builds
 the model, data and run directory with GRPO's helpers (loops/setup.py); there is no rollout
-engine and no environment. The loss and its normalization are in `algorithms/sft_loss.py`.
+engine and no environment. The loss and its normalization are in `algorithms/sft_loss.py`; the
+loop (validation, logging, checkpoints, export) is the one DPO shares, loops/supervised.py, and
+this file holds what is SFT's own: the data, the step, the validation loss, the resume.
 
 Data order: step s (1-based) trains on `step_indices(s, ...)`: epochs of floor(N / B) steps over
 an order reshuffled per epoch from (sft.seed, epoch). A resumed run finds its place from its step
@@ -15,34 +17,39 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.algorithms.sft_loss import sft_loss
-from posttrain.checkpoint.store import latest_checkpoint, load_checkpoint, save_checkpoint
-from posttrain.config.loss import LossConfig
+from posttrain.checkpoint.store import load_checkpoint
 from posttrain.config.schema import DPOConfig, RecipeConfig, SFTConfig
 from posttrain.data.chat import TokenizedConversation, chat_corpus, tokenize_conversations
-from posttrain.loops.grpo import check_distributed_recipe, check_nonfinite_streak, phase_peak_gib
+from posttrain.loops.grpo import phase_peak_gib
 from posttrain.loops.setup import (
     LoadedData,
     end_of_turn_id,
-    export_final_model,
     load_data,
     load_trainable_policy,
     model_directory,
     note_skipped_rows,
     prepare_run_dir,
 )
+from posttrain.loops.supervised import (
+    SupervisedLoop,
+    SupervisedParts,
+    checkpoint_to_resume,
+    resume_trainer,
+    run_supervised_loop,
+    start_processes,
+    supervised_trainer,
+)
 from posttrain.metrics.console import Console
-from posttrain.metrics.logger import MetricsLogger
 from posttrain.models.loading import has_vision_tower, load_processor
-from posttrain.training.distributed import Distributed, all_reduce_sum, init_distributed
+from posttrain.training.distributed import Distributed, all_reduce_sum
 from posttrain.training.trainer import PolicyTrainer, SupervisedBatch
 
 LOOP_STATE_ALGORITHM = "sft"  # stored in each checkpoint: a grpo run's checkpoints are never resumed here
@@ -58,16 +65,7 @@ class SFTResult:
     validation_loss: dict[int, float]  # step -> validation/loss (step 0: before training)
 
 
-@dataclass
-class SFTParts:
-    log_dir: Path
-    checkpoint_dir: Path
-    model: torch.nn.Module
-    tokenizer: PreTrainedTokenizerBase
-    train: list[TokenizedConversation]
-    validation: list[TokenizedConversation]
-    processor: Any = None  # a multimodal policy's processor, exported with the model
-    data_metrics: dict[str, float] = field(default_factory=dict)  # data/*: logged with the run's first record
+SFTParts = SupervisedParts[TokenizedConversation]
 
 
 # ------------------------------------------------------------------------------- pure helpers
@@ -171,13 +169,17 @@ def build_sft_run(cfg: RecipeConfig, *, console: Console, distributed: Distribut
 # ------------------------------------------------------------------------------------ the steps
 
 
-def train_step(parts: SFTParts, trainer: PolicyTrainer, cfg: RecipeConfig, step: int, distributed: Distributed) -> dict[str, float]:
-    """One optimizer step on this rank's share of step `step`'s conversations; train/* and timing metrics."""
+def train_step(
+    parts: SFTParts, trainer: PolicyTrainer, cfg: RecipeConfig, step: int, *, distributed: Distributed, console: Console
+) -> dict[str, float]:
+    """One optimizer step on this rank's share of step `step`'s conversations (the `training`
+    phase, its rows counted); train/* and timing metrics."""
     start = time.perf_counter()
     global_batch = cfg.policy.train_global_batch_size
     indices = step_indices(step, len(parts.train), global_batch, seed=cfg.sft.seed, shuffle=cfg.data.shuffle)
     conversations = rank_share([parts.train[i] for i in indices], distributed)
-    step_metrics = trainer.sft_step(supervised_batch(conversations, pad_token_id=parts.tokenizer.pad_token_id))
+    console.phase("training", total=len(conversations))
+    step_metrics = trainer.sft_step(supervised_batch(conversations, pad_token_id=parts.tokenizer.pad_token_id), on_rows=console.phase_advance)
     metrics = {f"train/{key}": value for key, value in step_metrics.items()}
     metrics["train/epoch"] = float((step - 1) // steps_per_epoch(len(parts.train), global_batch))
     metrics["timing/training"] = time.perf_counter() - start
@@ -186,13 +188,21 @@ def train_step(parts: SFTParts, trainer: PolicyTrainer, cfg: RecipeConfig, step:
 
 
 def validation_loss(
-    trainer: PolicyTrainer, conversations: list[TokenizedConversation], *, pad_token_id: int, distributed: Distributed
+    trainer: PolicyTrainer,
+    conversations: list[TokenizedConversation],
+    *,
+    pad_token_id: int,
+    distributed: Distributed,
+    console: Console | None = None,
 ) -> dict[str, float]:
     """The mean NLL per supervised token over all the (non-empty) validation `conversations`, each
-    rank taking its share, by the same loss function as training, without gradients."""
+    rank taking its share, by the same loss function as training, without gradients. With a
+    `console`, the `validation` phase counts this rank's rows."""
     start = time.perf_counter()
     batch = supervised_batch(rank_share(padded_for_ranks(conversations, distributed.world_size), distributed), pad_token_id=pad_token_id)
-    logprobs_BT = trainer.logprobs(batch, temperature=1.0)
+    if console is not None:
+        console.phase("validation", total=len(batch))
+    logprobs_BT = trainer.logprobs(batch, temperature=1.0, on_rows=console.phase_advance if console is not None else None)
     if distributed.enabled:  # FSDP2 keeps the root's gathered parameters after a forward, for the backward
         trainer.logprob_module.reshard()  # that never comes here: free them (and shard them for the optimizer again)
     mask_BT = batch.loss_mask_BT.float().to(logprobs_BT.device)
@@ -205,33 +215,13 @@ def validation_loss(
     }
 
 
-def save(parts: SFTParts, trainer: PolicyTrainer, cfg: RecipeConfig, step: int) -> None:
-    loop_state = {
-        "algorithm": LOOP_STATE_ALGORITHM,
-        "step": step,
-        "consecutive_nonfinite_steps": trainer.consecutive_nonfinite_steps,
-    }
-    save_checkpoint(
-        parts.checkpoint_dir,
-        step,
-        model=parts.model,
-        optimizer=trainer.optimizer,
-        scheduler=trainer.scheduler,
-        loop_state=loop_state,
-        keep_top_k=cfg.checkpointing.keep_top_k,
-    )
-
-
 def restore(checkpoint: Path, parts: SFTParts, trainer: PolicyTrainer, console: Console) -> int:
     """Resume where `checkpoint` left off (weights, optimizer, scheduler, RNG, the non-finite
     streak; the data position follows from the step). Returns its step."""
     loop_state = load_checkpoint(checkpoint, model=parts.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler)
     if loop_state.get("algorithm") != LOOP_STATE_ALGORITHM:  # grpo checkpoints carry no algorithm key
         raise NotAnSFTCheckpointError(f"{checkpoint} was not written by an sft run; point logger.log_dir at a new run directory")
-    changed = trainer.apply_optimizer_config()
-    if changed:
-        console.note(f"resume: this run's policy.optimizer settings replace the checkpoint's: {', '.join(changed)}")
-    trainer.consecutive_nonfinite_steps = loop_state["consecutive_nonfinite_steps"]
+    resume_trainer(trainer, loop_state, console)
     return loop_state["step"]
 
 
@@ -240,71 +230,32 @@ def restore(checkpoint: Path, parts: SFTParts, trainer: PolicyTrainer, console: 
 
 def run_sft(cfg: RecipeConfig, *, console: Console, distributed: Distributed | None = None) -> SFTResult:
     """Supervised fine-tuning, in one process or (under torchrun) one per device: each rank trains
-    on its share of every global batch (FSDP2), the loss normalized over all ranks; rank 0 logs."""
-    if cfg.algorithm != "sft":
-        raise ValueError(f"run_sft runs algorithm sft; this recipe's algorithm is {cfg.algorithm}")
-    distributed = distributed or init_distributed()
-    if distributed.enabled:
-        check_distributed_recipe(cfg, distributed.world_size)
-    if not distributed.is_main:
-        console = Console(enabled=False)
-    sft, policy = cfg.sft, cfg.policy
+    on its share of every global batch (FSDP2), the loss normalized over all ranks; rank 0 logs.
+    The loop itself is loops/supervised.py's."""
+    distributed, console = start_processes(cfg, "sft", console, distributed)
     parts = build_sft_run(cfg, console=console, distributed=distributed)
-    console.record_warnings(parts.log_dir / "warnings.log")
-    num_steps = total_steps(sft, steps_per_epoch(len(parts.train), policy.train_global_batch_size))
-    trainer = PolicyTrainer(
-        parts.model,
-        policy.model_copy(update={"train_global_batch_size": policy.train_global_batch_size // distributed.world_size}),
-        LossConfig(),  # the policy-gradient loss's settings: sft_step never reads them
-        total_optimizer_steps=num_steps,
-        distributed=distributed,
-    )
-    logger = MetricsLogger.for_run(cfg) if distributed.is_main else None
-    validate = partial(validation_loss, trainer, parts.validation, pad_token_id=parts.tokenizer.pad_token_id, distributed=distributed)
+    num_steps = total_steps(cfg.sft, steps_per_epoch(len(parts.train), cfg.policy.train_global_batch_size))
+    trainer = supervised_trainer(parts.model, cfg, num_steps, distributed)
 
-    checkpoint = latest_checkpoint(parts.checkpoint_dir) if cfg.checkpointing.enabled or not distributed.enabled else None
-    start_step = restore(checkpoint, parts, trainer, console) if checkpoint is not None else 0
+    checkpoint = checkpoint_to_resume(parts.checkpoint_dir, cfg, distributed)
+    resumed_step = restore(checkpoint, parts, trainer, console) if checkpoint is not None else -1
     if checkpoint is not None:
-        console.note(f"resumed from {checkpoint} (step {start_step})")
-    if logger is not None:  # records an earlier attempt logged after this checkpoint (or at all) are redone
-        logger.start(start_step if checkpoint is not None else -1)
-    first_record, validation_losses = dict(parts.data_metrics), {}
-    if checkpoint is None and sft.val_at_start and parts.validation:
-        val = validate()
-        validation_losses[0] = val["validation/loss"]
-        if logger is not None:
-            logger.log(0, {**first_record, **val})
-        first_record = {}
-        console.report_step("sft", 0, num_steps, val)
-
-    console.start_progress("SFT", total=num_steps, completed=start_step, plain_lines=False)
-    try:
-        for step in range(start_step + 1, num_steps + 1):
-            metrics = train_step(parts, trainer, cfg, step, distributed)
-            is_last = step == num_steps
-            if parts.validation and ((sft.val_period and step % sft.val_period == 0) or (is_last and sft.val_at_end)):
-                metrics.update(validate())
-                validation_losses[step] = metrics["validation/loss"]
-            if logger is not None:
-                logger.log(step, {**first_record, **metrics})
-            first_record = {}
-            console.report_step("sft", step, num_steps, metrics)
-            console.advance(f"loss {metrics['train/loss']:.4f}")
-
-            limit = sft.max_consecutive_nonfinite_steps
-            check_nonfinite_streak(
-                trainer.consecutive_nonfinite_steps,
-                limit,
-                step=step,
-                checkpoint_dir=parts.checkpoint_dir,
-                setting="sft.max_consecutive_nonfinite_steps",
-            )
-            if cfg.checkpointing.enabled and (step % cfg.checkpointing.save_period == 0 or is_last):
-                save(parts, trainer, cfg, step)
-    finally:
-        if logger is not None:
-            logger.close()
-    console.stop_progress()
-    if cfg.checkpointing.export_final:
-        export_final_model(parts, cfg, console)
+        console.note(f"resumed from {checkpoint} (step {resumed_step})")
+    pad_token_id = parts.tokenizer.pad_token_id
+    loop = SupervisedLoop(
+        algorithm=LOOP_STATE_ALGORITHM,
+        settings=cfg.sft,
+        num_steps=num_steps,
+        train_step=partial(train_step, parts, trainer, cfg, distributed=distributed, console=console),
+        validate=(
+            partial(validation_loss, trainer, parts.validation, pad_token_id=pad_token_id, distributed=distributed, console=console)
+            if parts.validation
+            else None
+        ),
+        kept_metric="validation/loss",
+        bar_info=lambda metrics: f"loss {metrics['train/loss']:.4f}",
+    )
+    validation_losses = run_supervised_loop(
+        loop, parts, trainer, cfg, resumed_step=resumed_step, first_record=parts.data_metrics, console=console, distributed=distributed
+    )
     return SFTResult(log_dir=parts.log_dir, validation_loss=validation_losses)

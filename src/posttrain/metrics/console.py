@@ -10,16 +10,18 @@ Two pure functions decide what is said, and are unit-tested with hand-made dicts
   lasts, and its recovery is said once.
 
 `Console` prints them. On a terminal (and with logger.progress: true) it also shows a live display:
-the run's overall bar with an ETA and, under it, the current phase of the step (rollout with
-responses and tokens finished, scoring, training with the samples done, weight refresh,
-validation, checkpoint). Elsewhere (CI logs, a file, logger.progress: false) it prints plain
-lines only, with no ANSI escapes. Only the process that owns the console prints: the loops give
-ranks other than 0 a disabled one.
+the run's overall bar with an ETA and, under it, the current phase of the step (GRPO: rollout with
+responses and tokens finished, scoring, training with the samples done, weight refresh; SFT and
+DPO: training with the rows or pairs done; all: validation, checkpoint save, export), or the bar
+of a stage before the steps (GRPO's warm start, DPO's reference logprobs). Elsewhere (CI logs, a
+file, logger.progress: false) it prints plain lines only, with no ANSI escapes. Only the process
+that owns the console prints: the loops give ranks other than 0 a disabled one.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,6 +237,16 @@ def step_warnings(
     return messages, state
 
 
+WARNING_STEP = re.compile(r"^(?:warning|recovered) \(step (\d+)")  # the step a step_warnings message is about
+
+
+def warnings_through(log_text: str, step: int) -> list[str]:
+    """The lines of a warnings.log about steps up to `step` (-1: none), in order. A last line
+    without its newline (a process killed mid-write) is dropped, and lines naming no step are kept."""
+    lines = log_text.split("\n")[:-1]  # text after the last newline is empty, or the torn line
+    return [line for line in lines if (found := WARNING_STEP.match(line)) is None or int(found[1]) <= step]
+
+
 # ----------------------------------------------------------------------------------- console
 
 
@@ -248,11 +260,11 @@ class CountColumn(ProgressColumn):
 class EtaColumn(ProgressColumn):
     """`ETA 0:38:40`: the mean seconds per step this session (a resumed run's earlier steps
     excluded) times the steps left, less the time the current step has run; nothing for tasks
-    that ask for no ETA (the phases) or before the first step is done."""
+    that ask for no ETA (the phases), before the first step is done or once the last is."""
 
     def render(self, task: Task) -> Text:
         first, done_elapsed = task.fields.get("eta_from"), task.fields.get("done_elapsed")
-        if first is None or done_elapsed is None or task.completed <= first or task.total is None:
+        if first is None or done_elapsed is None or task.total is None or not first < task.completed < task.total:
             return Text("")
         per_step = done_elapsed / (task.completed - first)
         seconds = max(int(per_step * (task.total - task.completed) - ((task.elapsed or 0.0) - done_elapsed)), 0)
@@ -298,9 +310,16 @@ class Console:
         self.rich.print(text, soft_wrap=True, **kwargs)
         self.rich.file.flush()
 
-    def record_warnings(self, path: Path) -> None:
-        """Also append every warning to `path` (the run directory's warnings.log)."""
+    def record_warnings(self, path: Path, *, resumed_step: int) -> None:
+        """Also append every warning to `path` (the run directory's warnings.log). What an
+        earlier attempt wrote about steps after `resumed_step` (the checkpoint's; -1: none, the
+        run starts over) is dropped first: those steps are redone and warn again, as their
+        records in metrics.jsonl are dropped and logged again (MetricsLogger.start)."""
+        if not self.enabled:  # other ranks: rank 0's console owns the file
+            return
         self._warnings_path = path
+        if path.exists():
+            path.write_text("".join(line + "\n" for line in warnings_through(path.read_text(), resumed_step)))
 
     def report_step(self, algorithm: str, step: int, total: int, metrics: dict[str, float]) -> None:
         """The step's line (`step_line`), then the warnings its metrics call for (`step_warnings`)."""
@@ -336,14 +355,15 @@ class Console:
         self._bar = self._progress.add_task(description, total=total, completed=completed, info="", eta_from=completed)
         self._phase = None
 
-    def advance(self, info: str = "") -> None:
+    def advance(self, info: str = "", *, amount: int = 1) -> None:
+        """`amount` more steps (or items: DPO's reference pass counts pairs) done; `info` follows the bar."""
         if self._progress is not None:
             elapsed = self._progress.tasks[0].elapsed  # the bar is the first task
-            self._progress.update(self._bar, advance=1, info=info, done_elapsed=elapsed)
+            self._progress.update(self._bar, advance=amount, info=info, done_elapsed=elapsed)
         elif self._plain is not None:
-            self._plain[2] += 1
+            self._plain[2] += amount
             description, total, completed, every = self._plain
-            if completed % every == 0 or completed == total:
+            if completed // every > (completed - amount) // every or completed == total:  # crossed a tenth of the way
                 self.note(f"{description} {completed}/{total}" + (f"  {info}" if info else ""))
 
     def stop_progress(self) -> None:

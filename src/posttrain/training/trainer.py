@@ -259,8 +259,11 @@ class PolicyTrainer:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     @torch.no_grad()
-    def logprobs(self, batch: TrainBatch | SupervisedBatch, temperature: float) -> torch.Tensor:
-        """Logprobs of every token under the current weights, micro-batched, no gradient."""
+    def logprobs(
+        self, batch: TrainBatch | SupervisedBatch, temperature: float, on_rows: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
+        """Logprobs of every token under the current weights, micro-batched, no gradient;
+        `on_rows(n)` after each micro-batch, n its rows (a progress display)."""
         size = self.policy.logprob_batch_size or self.policy.train_micro_batch_size
         chunks = []
         for start, stop in self._micro_batches(batch, size):
@@ -271,6 +274,8 @@ class PolicyTrainer:
                         rows.input_ids_BT, rows.attention_mask_BT, temperature, self.policy.sequence_packing, **rows.multimodal_inputs()
                     )
                 )
+            if on_rows is not None:
+                on_rows(stop - start)
         return torch.cat(chunks)
 
     def _micro_batches(self, batch: TrainBatch | SupervisedBatch, max_rows: int) -> list[tuple[int, int]]:
@@ -383,13 +388,14 @@ class PolicyTrainer:
             self.scheduler.step()
         return metrics
 
-    def sft_step(self, batch: SupervisedBatch) -> dict[str, float]:
+    def sft_step(self, batch: SupervisedBatch, on_rows: Callable[[int], None] | None = None) -> dict[str, float]:
         """One optimizer step of supervised fine-tuning on `batch`, this rank's rows of one global
         batch: loss = -(sum of the supervised tokens' logprobs) / (supervised tokens of the whole
         global batch, all ranks), accumulated over micro-batches (and packed when
         policy.sequence_packing), so neither changes the loss or the gradient. Logprobs at
-        temperature 1: the model's own distribution. Returns loss, supervised_tokens, grad_norm,
-        lr, skipped_nonfinite_steps and consecutive_nonfinite_steps."""
+        temperature 1: the model's own distribution. `on_rows(n)` after each micro-batch's
+        backward, n its rows (a progress display). Returns loss, supervised_tokens, grad_norm, lr,
+        skipped_nonfinite_steps and consecutive_nonfinite_steps."""
         self.model.train()
         supervised_tokens = all_reduce_sum(float(batch.loss_mask_BT.sum()), self.distributed, self.device)
         loss_sum, finite = 0.0, True
@@ -405,6 +411,8 @@ class PolicyTrainer:
             if finite or self.distributed.enabled:  # as in _optimizer_step: every rank runs every backward
                 loss.backward()
             loss_sum += loss_metrics["loss"]
+            if on_rows is not None:
+                on_rows(stop - start)
         if self.distributed.enabled:
             loss_sum = all_reduce_sum(loss_sum, self.distributed, self.device)
             finite = math.isfinite(loss_sum)
@@ -412,14 +420,17 @@ class PolicyTrainer:
         metrics["consecutive_nonfinite_steps"] = float(self.consecutive_nonfinite_steps)
         return metrics
 
-    def dpo_step(self, batch: PreferenceBatch, *, beta: float, sft_weight: float) -> dict[str, float]:
+    def dpo_step(
+        self, batch: PreferenceBatch, *, beta: float, sft_weight: float, on_pairs: Callable[[int], None] | None = None
+    ) -> dict[str, float]:
         """One optimizer step of DPO on `batch`, this rank's pairs of one global batch (loss in
         algorithms/dpo_loss.py). A micro-batch holds train_micro_batch_size whole pairs (both
         sequences in one forward pass, packed when policy.sequence_packing); every micro-batch's
         loss divides by the pairs and chosen-response tokens of the whole global batch (all ranks),
         so neither micro-batch size, packing nor the number of processes changes the loss or the
-        gradient. Logprobs at temperature 1. Returns the loss and its metrics (rewards/*,
-        logps/*, ...), pairs, grad_norm, lr, skipped_nonfinite_steps and consecutive_nonfinite_steps."""
+        gradient. Logprobs at temperature 1. `on_pairs(n)` after each micro-batch's backward, n its
+        pairs (a progress display). Returns the loss and its metrics (rewards/*, logps/*, ...),
+        pairs, chosen_tokens, grad_norm, lr, skipped_nonfinite_steps and consecutive_nonfinite_steps."""
         self.model.train()
         global_pairs = all_reduce_sum(float(len(batch)), self.distributed, self.device)
         chosen_tokens = float(batch.sequences.loss_mask_BT[0::2].sum())
@@ -442,13 +453,15 @@ class PolicyTrainer:
                 beta=beta,
                 sft_weight=sft_weight,
                 global_pairs=global_pairs,
-                global_chosen_tokens=max(global_chosen_tokens, 1.0),
+                global_chosen_tokens=global_chosen_tokens,
             )
             finite = finite and math.isfinite(loss_metrics["loss"])
             if finite or self.distributed.enabled:  # as in _optimizer_step: every rank runs every backward
                 loss.backward()
             for key, value in loss_metrics.items():  # shares of global means: they sum
                 metrics[key] += value
+            if on_pairs is not None:
+                on_pairs(stop - start)
         if self.distributed.enabled:
             metrics = defaultdict(float, {k: all_reduce_sum(v, self.distributed, self.device) for k, v in metrics.items()})
             finite = math.isfinite(metrics["loss"])
