@@ -257,6 +257,8 @@ def main() -> None:
     result.update(
         preset=args.preset,
         images=args.images,
+        optimizer_offload=cfg.policy.optimizer_offload,
+        release_weights_during_training=cfg.policy.generation.release_weights_during_training,
         gpu=torch.cuda.get_device_name() if on_gpu else "cpu",
         torch=torch.__version__,
         command=(f"torchrun --nproc-per-node {distributed.world_size} " if distributed.enabled else "python ")
