@@ -280,3 +280,27 @@ def test_eta_counts_this_sessions_steps_down():
     assert EtaColumn().render(progress.tasks[0]).plain == "ETA 0:00:45"
     progress.update(bar, advance=6, done_elapsed=95.0)
     assert EtaColumn().render(progress.tasks[0]).plain == ""  # done: no ETA left to show
+
+
+def test_plain_phases_say_nothing_when_quick_and_beat_while_long():
+    """Off a terminal a phase is silent unless it runs past HEARTBEAT_SECONDS: then a progress
+    line at most every HEARTBEAT_SECONDS, and how long it took once it ends."""
+    now = [0.0]
+    out = io.StringIO()
+    console = Console(file=out, clock=lambda: now[0])
+    console.phase("scoring", total=4)
+    console.phase_advance(4)
+    now[0] = 5.0
+    console.phase("rollout", total=64)  # scoring took 5 s: nothing said
+    for second in range(1, 80):
+        now[0] = 5.0 + second
+        console.phase_advance(tokens=100) if second % 2 else None
+    console.phase("training", total=8)  # rollout ran 79 s
+    console.report_step("sft", 1, 2, {"train/loss": 1.0})  # ends training (0 s): nothing said
+    assert out.getvalue().splitlines()[:3] == [
+        "  rollout 16/64, 1,600 tokens  31 s",  # an advance every odd second: the 16th is the first 30 s in
+        "  rollout 31/64, 3,100 tokens  61 s",
+        "  rollout done in 79 s (40/64, 4,000 tokens)",
+    ]
+    assert out.getvalue().splitlines()[3].startswith("step 1/2")
+    assert len(out.getvalue().splitlines()) == 4

@@ -14,14 +14,18 @@ the run's overall bar with an ETA and, under it, the current phase of the step (
 responses and tokens finished, scoring, training with the samples done, weight refresh; SFT and
 DPO: training with the rows or pairs done; all: validation, checkpoint save, export), or the bar
 of a stage before the steps (GRPO's warm start, DPO's reference logprobs). Elsewhere (CI logs, a
-file, logger.progress: false) it prints plain lines only, with no ANSI escapes. Only the process
-that owns the console prints: the loops give ranks other than 0 a disabled one.
+file, logger.progress: false) it prints plain lines only, with no ANSI escapes: the step lines,
+and for a phase that runs long (a real model's first step compiles for minutes) a line every
+`HEARTBEAT_SECONDS` with its progress, then how long it took, so that a log someone follows never
+goes quiet for minutes. Only the process that owns the console prints: the loops give ranks other
+than 0 a disabled one.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +39,7 @@ TME_THRESHOLD = 1.05  # train/token_mult_prob_error: NeMo-RL investigates above 
 GEN_KL_THRESHOLD = 1e-3  # train/gen_kl_error: "about 1e-3 is acceptable"
 KEPT_FRACTION_THRESHOLD = 0.5  # dynamic sampling kept fewer than half the groups it sampled: most were discarded
 REMIND_EVERY = 10  # steps between reminders while a warning's condition lasts
+HEARTBEAT_SECONDS = 30.0  # without a live display: the longest a running phase stays silent
 
 
 # ------------------------------------------------------------------------------- the step line
@@ -276,8 +281,11 @@ class Console:
     tests). `live`: allow the live display (logger.progress); it is shown only when `file` (stdout
     by default) is a terminal."""
 
-    def __init__(self, *, enabled: bool = True, live: bool = True, file: IO[str] | None = None):
+    def __init__(
+        self, *, enabled: bool = True, live: bool = True, file: IO[str] | None = None, clock: Callable[[], float] = time.monotonic
+    ):
         self.enabled = enabled
+        self.clock = clock
         self.rich = RichConsole(file=file, highlight=False)
         self.live = enabled and live and self.rich.is_terminal
         self.warnings: list[str] = []  # every warning said so far, in order
@@ -288,6 +296,7 @@ class Console:
         self._phase: TaskID | None = None
         self._phase_tokens = 0
         self._plain: list | None = None  # [description, total, completed, print every] without a live display
+        self._plain_phase: PlainPhase | None = None  # the running phase, without a live display
 
     def note(self, text: str) -> None:
         if self.enabled:
@@ -322,9 +331,11 @@ class Console:
             path.write_text("".join(line + "\n" for line in warnings_through(path.read_text(), resumed_step)))
 
     def report_step(self, algorithm: str, step: int, total: int, metrics: dict[str, float]) -> None:
-        """The step's line (`step_line`), then the warnings its metrics call for (`step_warnings`)."""
+        """The step's line (`step_line`), then the warnings its metrics call for (`step_warnings`).
+        The step's last phase ends here."""
         if not self.enabled:
             return
+        self.end_phase()
         self.note(step_line(algorithm, step, total, metrics))
         messages, self._warning_state = step_warnings(step, metrics, self._warning_state)
         for message in messages:
@@ -367,31 +378,56 @@ class Console:
                 self.note(f"{description} {completed}/{total}" + (f"  {info}" if info else ""))
 
     def stop_progress(self) -> None:
+        self.end_phase()
         if self._progress is not None:
-            self.end_phase()
             self._progress.stop()
             self._progress = None
         self._plain = None
 
-    # --- the current phase of a step (live display only)
+    # --- the current phase of a step (live: a bar under the run's; plain: a heartbeat when long)
 
     def phase(self, name: str, *, total: int | None = None) -> None:
         """Show `name` as the step's current phase, with a bar over `total` items (None: no bar)."""
-        if self._progress is None:
-            return
         self.end_phase()
         self._phase_tokens = 0
-        self._phase = self._progress.add_task(f"  {name}", total=total, info="")
+        if self._progress is not None:
+            self._phase = self._progress.add_task(f"  {name}", total=total, info="")
+        elif self.enabled:
+            now = self.clock()
+            self._plain_phase = PlainPhase(name, total, started=now, last_said=now)
 
     def phase_advance(self, items: int = 1, *, tokens: int = 0) -> None:
         """`items` more of the phase's total done (and `tokens` more generated, if it counts them)."""
-        if self._progress is None or self._phase is None:
-            return
         self._phase_tokens += tokens
-        info = f"{self._phase_tokens:,} tokens" if self._phase_tokens else ""
-        self._progress.update(self._phase, advance=items, info=info)
+        if self._progress is not None and self._phase is not None:
+            info = f"{self._phase_tokens:,} tokens" if self._phase_tokens else ""
+            self._progress.update(self._phase, advance=items, info=info)
+        elif self._plain_phase is not None:
+            phase, now = self._plain_phase, self.clock()
+            phase.completed += items
+            if now - phase.last_said >= HEARTBEAT_SECONDS:
+                self.note(f"  {phase.name} {phase.progress(self._phase_tokens)}  {now - phase.started:.0f} s")
+                phase.last_said = now
 
     def end_phase(self) -> None:
         if self._progress is not None and self._phase is not None:
             self._progress.remove_task(self._phase)
         self._phase = None
+        phase, self._plain_phase = self._plain_phase, None
+        if phase is not None and self.clock() - phase.started >= HEARTBEAT_SECONDS:
+            self.note(f"  {phase.name} done in {self.clock() - phase.started:.0f} s ({phase.progress(self._phase_tokens)})")
+
+
+@dataclass
+class PlainPhase:
+    """A phase running without a live display: what the heartbeat line says."""
+
+    name: str
+    total: int | None
+    started: float
+    last_said: float
+    completed: int = 0
+
+    def progress(self, tokens: int) -> str:
+        done = f"{self.completed}/{self.total}" if self.total is not None else f"{self.completed}"
+        return done + (f", {tokens:,} tokens" if tokens else "")
