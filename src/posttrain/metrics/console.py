@@ -33,12 +33,14 @@ from typing import IO
 
 from rich.console import Console as RichConsole
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Column
 from rich.text import Text
 
 TME_THRESHOLD = 1.05  # train/token_mult_prob_error: NeMo-RL investigates above (docs/algorithms.md)
 GEN_KL_THRESHOLD = 1e-3  # train/gen_kl_error: "about 1e-3 is acceptable"
 KEPT_FRACTION_THRESHOLD = 0.5  # dynamic sampling kept fewer than half the groups it sampled: most were discarded
 REMIND_EVERY = 10  # steps between reminders while a warning's condition lasts
+DESCRIPTION_WIDTH = 18  # the live display's label column: "  checkpoint save", "warm start (SFT)"
 HEARTBEAT_SECONDS = 30.0  # without a live display: the longest a running phase stays silent
 
 
@@ -353,7 +355,8 @@ class Console:
             self._plain = [description, total, completed, max(total // 10, 1)] if plain_lines else None
             return
         self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
+            # a fixed width: the column fits its widest task, and the phase under the bar changes
+            TextColumn("[bold]{task.description}", table_column=Column(width=DESCRIPTION_WIDTH, no_wrap=True)),
             BarColumn(),
             CountColumn(),
             TimeElapsedColumn(),
