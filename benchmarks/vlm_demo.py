@@ -2,7 +2,9 @@
 
     python benchmarks/vlm_demo.py                       # seeds 0 1 2, one after another
     python benchmarks/vlm_demo.py --seeds 2 --merge     # add seed 2 to the committed result
-    python benchmarks/vlm_demo.py --summarize RUN_DIR --seed 0 --note "..."   # a run made by hand
+    python benchmarks/vlm_demo.py --seeds 0 --timed     # one seed alone, kept apart as the timing run
+    python benchmarks/vlm_demo.py --summarize RUN_DIR --seed 0 --wall-seconds 1158 --note "..."
+        # a run made by hand (e.g. seeds run at once), added to the committed result
 
 Each seed is `posttrain train RECIPE tiny_model.seed=S` (the tiny model's random init; data and
 sampling seeds stay the recipe's), timed from the outside. Writes
@@ -57,15 +59,19 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workdir", type=Path, default=Path("runs/vlm_demo"))
     parser.add_argument("--merge", action="store_true", help="keep the committed result's other seeds")
+    parser.add_argument("--timed", action="store_true", help="run the first of --seeds alone and keep it as `timed_alone`, the seeds untouched")
     parser.add_argument("--summarize", type=Path, default=None, help="a finished run directory to add instead of running")
     parser.add_argument("--seed", type=int, default=None, help="with --summarize: that run's tiny_model.seed")
     parser.add_argument("--wall-seconds", type=float, default=None, help="with --summarize: its wall time")
     parser.add_argument("--note", default="", help="with --summarize: how it was run")
     args = parser.parse_args()
 
-    result = json.loads(OUT.read_text()) if (args.merge or args.summarize) and OUT.exists() else {}
-    seeds = result.get("seeds", {}) if "seeds" in result else {}
-    if args.summarize is not None:
+    result = json.loads(OUT.read_text()) if (args.merge or args.summarize or args.timed) and OUT.exists() else {}
+    seeds = result.get("seeds", {})
+    timed = result.get("timed_alone")
+    if args.timed:
+        timed = {"seed": args.seeds[0], **run_seed(args.seeds[0], args.workdir)}
+    elif args.summarize is not None:
         run = {"command": f"posttrain train {RECIPE} tiny_model.seed={args.seed} ...", "wall_seconds": args.wall_seconds, "how": args.note}
         seeds[str(args.seed)] = {**run, **summarize(args.summarize)}
     else:
@@ -76,6 +82,7 @@ def main() -> None:
         "machine": f"{os.cpu_count()}-core development machine (CPU), torch {torch.__version__}, transformers {transformers.__version__}",
         "platform": platform.platform(),
         "seeds": dict(sorted(seeds.items())),
+        **({"timed_alone": timed} if timed else {}),
     }
     OUT.write_text(json.dumps(result, indent=1) + "\n")
     for seed, run in result["seeds"].items():
